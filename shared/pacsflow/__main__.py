@@ -1,0 +1,7 @@
+"""``python -m pacsflow`` is the ``pacsflow`` command."""
+
+import sys
+
+from pacsflow.cli import main
+
+sys.exit(main())

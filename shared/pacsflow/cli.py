@@ -1,0 +1,287 @@
+"""The ``pacsflow`` command: run services, check configuration, manage state and dead letters.
+
+Exit codes scripts can rely on: 0 all good, 1 the work failed, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from pacsflow.config import SERVICES, Settings, load_settings
+from pacsflow.errors import ConfigError, PacsflowError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="YAML configuration file (default: $PACSFLOW_CONFIG, else built-in defaults)",
+    )
+
+
+def _run_services(args: argparse.Namespace, names: Sequence[str]) -> int:
+    from pacsflow.logs import configure_logging
+    from pacsflow.runtime import run_services
+
+    settings = _settings(args)
+    configure_logging(settings.logging)
+    return asyncio.run(run_services(settings, names))
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    return _run_services(args, [args.service])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    unknown = [name for name in args.services if name not in SERVICES]
+    if unknown:
+        print(f"unknown service(s): {', '.join(unknown)}; known: {', '.join(SERVICES)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return _run_services(args, args.services or list(SERVICES))
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    settings = load_settings(args.file)
+    print(f"{args.file}: ok (bus {settings.bus.backend}, state {settings.state.backend}, "
+          f"{len(settings.nodes)} node(s), {len(settings.router.routes)} route(s))")
+    return EXIT_OK
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    # SecretStr fields print as '**********': secrets never reach the terminal.
+    settings = _settings(args)
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    return EXIT_OK
+
+
+@asynccontextmanager
+async def _database(settings: Settings):  # type: ignore[no-untyped-def]
+    from pacsflow.store import open_database
+
+    db = await open_database(settings.state)
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+@asynccontextmanager
+async def _bus(settings: Settings):  # type: ignore[no-untyped-def]
+    from prometheus_client import CollectorRegistry
+
+    from pacsflow.bus import create_bus
+
+    bus = create_bus(settings, CollectorRegistry())
+    await bus.start()
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+async def _db_upgrade(settings: Settings) -> int:
+    from pacsflow.store.migrate import upgrade
+
+    async with _database(settings) as db:
+        applied = await upgrade(db)
+    for migration in applied:
+        print(f"applied {migration}")
+    print("state store is up to date" if not applied else f"{len(applied)} migration(s) applied")
+    return EXIT_OK
+
+
+async def _db_status(settings: Settings) -> int:
+    from pacsflow.store.migrate import pending
+
+    async with _database(settings) as db:
+        waiting = await pending(db)
+    for migration in waiting:
+        print(f"pending {migration}")
+    print("state store is up to date" if not waiting else f"{len(waiting)} migration(s) pending")
+    return EXIT_OK if not waiting else EXIT_FAILED
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    action: Callable[[Settings], Awaitable[int]] = {
+        "upgrade": _db_upgrade,
+        "status": _db_status,
+    }[args.db_command]
+    return asyncio.run(action(settings))
+
+
+async def _dead_letters(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    async with _bus(settings) as bus:
+        services = [args.service] if args.service else list(SERVICES)
+        if args.dl_command in ("list", "show"):
+            rows: list[dict[str, Any]] = []
+            for service in services:
+                for letter in await bus.dead_letters(service):
+                    if args.ids and letter.id not in args.ids:
+                        continue
+                    row = {
+                        "id": letter.id,
+                        "service": letter.service,
+                        "queue": letter.queue,
+                        "event_type": letter.event_type,
+                        "reason": letter.reason,
+                        "deliveries": letter.deliveries,
+                        "time": letter.time.isoformat() if letter.time else None,
+                    }
+                    if args.dl_command == "show":
+                        row["body"] = letter.body.decode("utf-8", "replace")
+                    rows.append(row)
+            if args.json or args.dl_command == "show":
+                print(json.dumps(rows, indent=2))
+            elif not rows:
+                print("no dead letters")
+            else:
+                for row in rows:
+                    print(f"{row['id']}  {row['service']:<10} {row['event_type'] or '?':<16} "
+                          f"deliveries={row['deliveries']}  {row['reason']}")
+            return EXIT_OK
+        if not args.service:
+            print("replay and purge need --service", file=sys.stderr)
+            return EXIT_USAGE
+        ids = args.ids or None
+        if args.dl_command == "replay":
+            count = await bus.replay_dead_letters(args.service, ids)
+            print(f"replayed {count} dead letter(s) of {args.service}")
+        else:
+            count = await bus.purge_dead_letters(args.service, ids)
+            print(f"purged {count} dead letter(s) of {args.service}")
+        return EXIT_OK
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    return asyncio.run(_dead_letters(args))
+
+
+async def _http_get(host: str, port: int, path: str, timeout: float = 3.0) -> tuple[int, bytes]:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from pacsflow.store.ledger import Ledger
+
+    settings = _settings(args)
+    report: dict[str, Any] = {}
+    host = "127.0.0.1" if settings.http.host in ("0.0.0.0", "::") else settings.http.host
+    try:
+        code, body = await _http_get(host, settings.http.port, "/readyz")
+        report["process"] = {"reachable": True, "ready": code == 200, "checks": json.loads(body)}
+    except (OSError, TimeoutError, ValueError):
+        report["process"] = {"reachable": False, "ready": False, "checks": {}}
+    async with _database(settings) as db:
+        report["ledger"] = await Ledger(db).counts()
+    async with _bus(settings) as bus:
+        report["queues"] = await bus.queue_depths()
+        report["dead_letters"] = {s: len(await bus.dead_letters(s)) for s in SERVICES}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        proc = report["process"]
+        state = "ready" if proc["ready"] else ("not ready" if proc["reachable"] else "not running")
+        print(f"pacsflow on port {settings.http.port}: {state} {proc['checks'] or ''}")
+        print("files: " + (", ".join(f"{k} {v}" for k, v in report["ledger"].items()) or "none"))
+        print("queues:")
+        for queue, depth in sorted(report["queues"].items()):
+            print(f"  {queue:<50} {depth}")
+        print("dead letters: " + ", ".join(f"{k} {v}" for k, v in report["dead_letters"].items()))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return asyncio.run(_status(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``pacsflow`` command."""
+    parser = argparse.ArgumentParser(
+        prog="pacsflow",
+        description="Move DICOM images between folders, PACS servers and research storage.",
+    )
+    _add_config_option(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for service in SERVICES:
+        sub = commands.add_parser(service, help=f"run the {service} service")
+        _add_config_option(sub)
+        sub.set_defaults(func=cmd_service, service=service)
+
+    run = commands.add_parser("run", help="run several services in one process (default: all)")
+    _add_config_option(run)
+    run.add_argument("services", nargs="*", metavar="SERVICE", help=", ".join(SERVICES))
+    run.set_defaults(func=cmd_run)
+
+    config = commands.add_parser("config", help="check or show the configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate a configuration file")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_config_check)
+    show = config_commands.add_parser("show", help="print the effective configuration")
+    _add_config_option(show)
+    show.set_defaults(func=cmd_config_show)
+
+    db = commands.add_parser("db", help="state store schema")
+    _add_config_option(db)
+    db.add_argument("db_command", choices=["upgrade", "status"])
+    db.set_defaults(func=cmd_db)
+
+    status = commands.add_parser("status", help="health, queues, dead letters and file counts")
+    _add_config_option(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    dead = commands.add_parser("dead-letters", help="inspect, replay or purge dead letters")
+    _add_config_option(dead)
+    dead.add_argument("dl_command", choices=["list", "show", "replay", "purge"])
+    dead.add_argument("ids", nargs="*", metavar="ID", help="only these dead letters")
+    dead.add_argument("--service", choices=SERVICES, help="only this service's dead letters")
+    dead.add_argument("--json", action="store_true", help="machine-readable output")
+    dead.set_defaults(func=cmd_dead_letters)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pacsflow`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = os.environ.get("PACSFLOW_CONFIG")
+    try:
+        return int(args.func(args))
+    except PacsflowError as err:
+        print(f"pacsflow: {err}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(err, ConfigError) else EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
