@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import re
 import socket
+from email.utils import parseaddr
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -21,6 +23,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -141,9 +144,31 @@ class WatcherSettings(_Section):
     import_folders: list[Path] = [Path("data/inbox")]
     quarantine_folder: Path = Path("data/quarantine")
     archive_folder: Path = Path("data/archive")
+    # A folder is handled after it has been this long without changes.
     debounce_seconds: float = Field(default=180.0, ge=0)
+    # Files per file-ready event.
     batch_size: int = Field(default=200, ge=1)
+    # Sets PatientID (group 1) and PatientName (group 2) from the import folder's name,
+    # e.g. '^#([0-9]+)-([#^A-Za-z0-9]+)$' for '#12345-HongGildong'. None: no rewrite.
     rename_pattern: str | None = None
+    # What to do with a folder whose name does not match rename_pattern.
+    unmatched_folders: Literal["leave", "quarantine"] = "leave"
+    # Node names for the uploader; empty: the uploader's own destinations.
+    destinations: list[str] = []
+    # How often confirmed files are looked for to archive, besides on every file-sent event.
+    archive_interval_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("rename_pattern")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                compiled = re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"not a regular expression: {err}") from err
+            if compiled.groups < 2:
+                raise ValueError("needs two groups: PatientID and PatientName")
+        return pattern
 
 
 class UploaderSettings(_Section):
@@ -172,21 +197,120 @@ class RouterSettings(_Section):
     max_associations: int = Field(default=32, ge=1)
 
 
+#: the kinds of message the notifier sends; ``recipients``, ``templates`` and webhooks use them
+NotificationKind = Literal["study-complete", "patient-complete", "file-failed", "dead-letters"]
+NOTIFICATION_KINDS: tuple[str, ...] = get_args(NotificationKind)
+
+
+def check_email_address(value: str) -> str:
+    """The address, stripped; ValueError unless it is one address without control characters
+    (it goes into mail headers and the SMTP envelope)."""
+    value = value.strip()
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ValueError(f"e-mail address {value!r} contains a control character")
+    _, address = parseaddr(value)
+    if not address or "@" not in address or address.startswith("@") or address.endswith("@"):
+        raise ValueError(f"{value!r} is not an e-mail address")
+    return value
+
+
+EmailAddress = Annotated[str, AfterValidator(check_email_address)]
+
+
 class SmtpSettings(_Section):
+    """The mail server; without a host, mails are written to ``notifier.mail_folder``."""
+
     host: str | None = None
     port: Port = 25
+    # STARTTLS after connecting (usually port 587), or TLS from the start (SMTPS, port 465).
     starttls: bool = False
     tls: bool = False
+    # Certificate authorities to verify the server with (default: the system's).
+    ca_file: Path | None = None
     username: str | None = None
+    # From PACSFLOW_NOTIFIER__SMTP__PASSWORD, the secrets folder, or password_file.
     password: SecretStr | None = None
-    sender: str = "pacsflow@localhost"
+    # A file holding the password (a mounted container secret); read at each connection.
+    password_file: Path | None = None
+    sender: EmailAddress = "pacsflow@localhost"
+    timeout: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_security(self) -> SmtpSettings:
+        if self.starttls and self.tls:
+            raise ValueError("starttls and tls exclude each other: choose one")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("password and password_file exclude each other: choose one")
+        return self
+
+
+class MessageTemplate(_Section):
+    """Templates of one kind of message: ``${name}`` placeholders; unset parts keep the
+    built-in text. Values are cleaned of line breaks (and HTML-escaped in ``html``)."""
+
+    subject: str | None = None
+    text: str | None = None
+    # Adds an HTML part next to the plain text.
+    html: str | None = None
+
+
+class WebhookSettings(_Section):
+    """A JSON POST per message (Teams, Slack or Mattermost incoming webhooks, or your own)."""
+
+    # Webhook URLs carry their token: PACSFLOW_NOTIFIER__WEBHOOKS__<NAME>__URL.
+    url: SecretStr
+    kinds: list[NotificationKind] = list(NOTIFICATION_KINDS)
+    # chat: {"text": ...} as chat webhooks expect; json: subject, text and the facts.
+    format: Literal["chat", "json"] = "chat"
+    timeout: float = Field(default=10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("a webhook URL starts with http:// or https://")
+        return value
 
 
 class NotifierSettings(_Section):
     smtp: SmtpSettings = SmtpSettings()
     # Where mails go as files when no SMTP host is set.
     mail_folder: Path = Path("data/mail")
-    recipients: dict[str, list[str]] = {}
+    # Who gets each kind of message; study-complete also goes to its route's emails.
+    recipients: dict[NotificationKind, list[EmailAddress]] = {}
+    templates: dict[NotificationKind, MessageTemplate] = {}
+    webhooks: dict[str, WebhookSettings] = {}
+    # Times in messages are shown in this zone (IANA name); default: the machine's.
+    timezone: str | None = None
+    # Failed files and dead letters are gathered this long after the first one, then
+    # reported in one message: at most one alert of each kind per window.
+    alert_window_seconds: float = Field(default=300.0, gt=0)
+    dead_letter_check_seconds: float = Field(default=60.0, gt=0)
+    # A message that cannot be delivered is retried after retry_initial_seconds, doubling up
+    # to retry_max_seconds, for ever; from failing_after_attempts on it counts as failing.
+    retry_initial_seconds: float = Field(default=10.0, gt=0)
+    retry_max_seconds: float = Field(default=600.0, gt=0)
+    failing_after_attempts: int = Field(default=6, ge=1)
+    # How often to look for due messages that no wake-up announced (other processes).
+    poll_seconds: float = Field(default=5.0, gt=0)
+    # Sent messages and reported failures are kept this long (their redeliveries stay no-ops).
+    retention_days: float = Field(default=30.0, gt=0)
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError) as err:
+                raise ValueError(f"unknown time zone {value!r}") from err
+        return value
+
+    @model_validator(mode="after")
+    def _check_retry(self) -> NotifierSettings:
+        if self.retry_max_seconds < self.retry_initial_seconds:
+            raise ValueError("retry_max_seconds is shorter than retry_initial_seconds")
+        return self
 
 
 class HarvesterSettings(_Section):
@@ -254,9 +378,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_references(self) -> Settings:
-        for name in self.uploader.destinations:
-            if name not in self.nodes:
-                raise ValueError(f"uploader.destinations names {name!r}, which is not in nodes")
+        for section, names in (("uploader", self.uploader.destinations),
+                               ("watcher", self.watcher.destinations)):
+            for name in names:
+                if name not in self.nodes:
+                    raise ValueError(f"{section}.destinations names {name!r}, which is not in nodes")
         return self
 
     def node(self, name_or_address: str) -> Node:

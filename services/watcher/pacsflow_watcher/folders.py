@@ -24,10 +24,8 @@ log = logging.getLogger(__name__)
 # Files pacsflow itself writes while rewriting headers; never treated as imports.
 TEMP_PREFIX = ".pacsflow-"
 
-_WATCH_MASK = (
-    flags.CREATE | flags.CLOSE_WRITE | flags.MODIFY | flags.MOVED_TO | flags.MOVED_FROM
-    | flags.DELETE | flags.ATTRIB | flags.DELETE_SELF
-)
+# Only what adds or changes content: files leaving (archived, quarantined) are no new work.
+_WATCH_MASK = flags.CREATE | flags.CLOSE_WRITE | flags.MODIFY | flags.MOVED_TO | flags.ATTRIB
 
 
 def unit_of(root: Path, path: Path) -> Path | None:

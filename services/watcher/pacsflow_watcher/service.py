@@ -1,24 +1,19 @@
-"""The watcher service: import folders to validated, debounced file-ready events.
-
-The service is wired but does not handle events yet: it declares the durable queues it will
-consume so that events published meanwhile are kept, then idles until it is stopped.
-"""
+"""The watcher service: import folders to validated, debounced ``file-ready`` events."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
 from pacsflow.runtime import ServiceContext
-
-CONSUMES: tuple[str, ...] = ("file-sent", "file-failed")
-
-log = logging.getLogger(__name__)
+from pacsflow.store.ledger import Ledger
+from pacsflow_watcher.watcher import Watcher
 
 
 async def run(ctx: ServiceContext) -> None:
     """Run until cancelled."""
-    if CONSUMES:
-        await ctx.bus.declare(ctx.name, CONSUMES)
-    log.warning("the watcher service has no event handling yet; its events are kept in its queues")
-    await asyncio.Event().wait()
+    watcher = Watcher(
+        ctx.settings.watcher,
+        ledger=Ledger(ctx.db),
+        bus=ctx.bus,
+        source=ctx.source,
+        registry=ctx.registry,
+    )
+    await watcher.run()

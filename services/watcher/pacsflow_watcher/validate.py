@@ -44,6 +44,9 @@ class CheckedFile:
     series_instance_uid: str
     study_instance_uid: str
     transfer_syntax_uid: str
+    # For the folder-name identity rewrite only; never logged above DEBUG.
+    patient_id: str = ""
+    patient_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,8 @@ def _check_dataset(path: Path, size: int, dataset: Dataset, fp: BinaryIO,
         series_instance_uid=uids["Series Instance UID"],
         study_instance_uid=uids["Study Instance UID"],
         transfer_syntax_uid=transfer_syntax,
+        patient_id=str(dataset.get("PatientID", "") or ""),
+        patient_name=str(dataset.get("PatientName", "") or ""),
     ))
 
 

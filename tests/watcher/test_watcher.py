@@ -1,0 +1,209 @@
+"""The watcher end to end in one process: real SQLite ledger, the in-memory bus, real folders."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pacsflow.bus import MemoryBus
+from pacsflow.config import WatcherSettings
+from pacsflow.events import Event, FileOutcome, FileOutcomePayload, FileReady, FileSent, Source
+from pacsflow.store import Database, Ledger, Outcome, SqliteDatabase, upgrade
+from pacsflow_watcher.watcher import Watcher
+from tests.dicom.synthetic import write_ct_series
+
+SOURCE = Source(service="watcher", instance="test")
+
+
+@dataclass
+class Received:
+    events: list[FileReady] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[str]:
+        return [f.sop_instance_uid for e in self.events for f in e.payload.files]
+
+
+@dataclass
+class Rig:
+    watcher: Watcher
+    ledger: Ledger
+    bus: MemoryBus
+    received: Received
+    inbox: Path
+    archive: Path
+    quarantine: Path
+    task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.watcher.run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None
+
+    async def wait_for(self, count: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received.files) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(self.received.files)} of {count} files announced")
+            await asyncio.sleep(0.05)
+
+
+async def make_db(path: Path) -> Database:
+    db = await SqliteDatabase.open(path)
+    await upgrade(db)
+    return db
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    db = await make_db(tmp_path / "state.db")
+    bus = MemoryBus()
+    await bus.start()
+    received = Received()
+
+    async def collect(event: Event) -> None:
+        assert isinstance(event, FileReady)
+        received.events.append(event)
+        received.times.append(time.monotonic())
+
+    await bus.subscribe("uploader", ["file-ready"], collect)
+    settings = WatcherSettings(
+        import_folders=[tmp_path / "inbox"], archive_folder=tmp_path / "archive",
+        quarantine_folder=tmp_path / "quarantine", debounce_seconds=1.0, batch_size=100,
+        archive_interval_seconds=0.5,
+    )
+    ledger = Ledger(db)
+    watcher = Watcher(settings, ledger=ledger, bus=bus, source=SOURCE, registry=CollectorRegistry())
+    rig = Rig(watcher, ledger, bus, received, tmp_path / "inbox", tmp_path / "archive",
+              tmp_path / "quarantine")
+    yield rig
+    await rig.stop()
+    await bus.close()
+    await db.close()
+
+
+class TestDebounce:
+    async def test_slow_copy_is_announced_once_after_the_quiet_period(
+        self, rig: Rig, tmp_path: Path
+    ) -> None:
+        source = tmp_path / "source"
+        write_ct_series(source, 1000)
+        files = sorted(source.iterdir())
+        await rig.start()
+        target = rig.inbox / "#12345-HongGildong" / "series1"
+        target.mkdir(parents=True)
+        for start in range(0, 1000, 100):  # ten bursts, pauses shorter than the debounce
+            for path in files[start:start + 100]:
+                shutil.copy(path, target / path.name)
+            await asyncio.sleep(0.4)
+            assert rig.received.files == [], "announced before the folder was quiet"
+        last_write = time.monotonic()
+        await rig.wait_for(1000)
+        assert min(rig.received.times) - last_write >= 1.0 - 0.45
+        await asyncio.sleep(1.5)  # nothing more comes later
+        assert len(rig.received.files) == 1000
+        assert len(set(rig.received.files)) == 1000
+        assert all(len(e.payload.files) <= 100 for e in rig.received.events)
+        assert {e.payload.batch_key for e in rig.received.events} == {
+            rig.received.events[0].payload.batch_key}
+
+    async def test_rescan_finds_files_that_arrived_while_stopped(self, rig: Rig) -> None:
+        write_ct_series(rig.inbox / "#1-A", 20)
+        await rig.start()
+        await rig.wait_for(20)
+        assert len(rig.received.files) == 20
+
+
+class TestRestart:
+    async def test_restart_announces_what_is_waiting_and_records_nothing_twice(
+        self, rig: Rig, tmp_path: Path
+    ) -> None:
+        write_ct_series(rig.inbox / "#1-A", 300)
+        await rig.start()
+        await rig.wait_for(300)
+        await rig.stop()
+        write_ct_series(rig.inbox / "#2-B", 50)
+        rig.watcher = Watcher(rig.watcher.settings, ledger=rig.ledger, bus=rig.bus,
+                              source=SOURCE, registry=CollectorRegistry())
+        await rig.start()
+        # The new folder, and again the 300 that no uploader took yet (still "ready").
+        await rig.wait_for(650)
+        counts = await rig.ledger.count_by_status()
+        assert counts.get("ready") == 350
+        assert sum(counts.values()) == 350  # one ledger row per file, never two
+
+
+class TestMixedFolder:
+    async def test_each_kind_of_file_gets_its_outcome(
+        self, rig: Rig, pydicom_test_files: Path
+    ) -> None:
+        unit = rig.inbox / "#7-Mixed"
+        good = write_ct_series(unit, 3)
+        (unit / "readme.txt").write_text("not an image")
+        (unit / "empty.dcm").write_bytes(b"")
+        (unit / "cut.dcm").write_bytes(good[0].read_bytes()[:-3000])
+        shutil.copy(pydicom_test_files / "dicomdirtests" / "DICOMDIR", unit / "DICOMDIR")
+        bare_source = write_ct_series(rig.inbox.parent / "other", 1)[0]
+        ds = pydicom.dcmread(bare_source)
+        ds.file_meta, ds.preamble = pydicom.dataset.FileMetaDataset(), None
+        ds.save_as(unit / "nopreamble.dcm", implicit_vr=True, little_endian=True,
+                   enforce_file_format=False)
+        await rig.start()
+        await rig.wait_for(4)
+        await asyncio.sleep(0.3)
+        invalid = await rig.ledger.list_files(status="invalid")
+        reasons = {Path(f.path).name: f.reason or "" for f in invalid}
+        assert reasons["readme.txt"].startswith("not DICOM")
+        assert reasons["empty.dcm"].startswith("empty file")
+        assert "truncated" in reasons["cut.dcm"]
+        # Invalid files went to quarantine, valid ones were announced and stay until sent.
+        assert len(list(rig.quarantine.rglob("readme.txt"))) == 1
+        assert not (unit / "readme.txt").exists()
+        assert sorted(Path(p.path).name for e in rig.received.events for p in e.payload.files) \
+            == sorted([p.name for p in good] + ["nopreamble.dcm"])
+        assert all(p.exists() for p in good)
+        assert not (unit / "DICOMDIR").exists()
+        assert list(rig.archive.rglob("DICOMDIR"))
+
+
+class TestArchive:
+    async def test_only_confirmed_files_are_archived(self, rig: Rig) -> None:
+        paths = write_ct_series(rig.inbox / "#9-Z" / "s", 4)
+        await rig.start()
+        await rig.wait_for(4)
+        rows = {Path(f.path).name: f for f in await rig.ledger.list_files(status="ready")}
+        ids = [rows[p.name].id for p in paths]
+        await rig.ledger.add_deliveries(ids, ["pacs", "backup"])
+        # Every destination confirmed the first two; the third only at one; the fourth failed.
+        await rig.ledger.record_outcomes(
+            [Outcome(i, d, "sent", 0) for i in ids[:2] for d in ("pacs", "backup")]
+            + [Outcome(ids[2], "pacs", "sent", 0), Outcome(ids[3], "pacs", "failed", 0xA700),
+               Outcome(ids[3], "backup", "sent", 0)]
+        )
+        await rig.bus.publish(FileSent(source=SOURCE, payload=FileOutcomePayload(files=[
+            FileOutcome(path=str(paths[0]), sop_instance_uid="x", destination="pacs", status=0)
+        ])))
+        deadline = time.monotonic() + 10
+        while len(list(rig.archive.rglob("*.dcm"))) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        archived = sorted(p.name for p in rig.archive.rglob("*.dcm"))
+        assert archived == [paths[0].name, paths[1].name]
+        assert not paths[0].exists() and paths[2].exists() and paths[3].exists()
+        # The archive keeps the import folder's structure under a time-stamped folder.
+        moved = next(rig.archive.rglob(paths[0].name))
+        assert moved.relative_to(rig.archive).parts[1:] == ("#9-Z", "s", paths[0].name)
+        counts = await rig.ledger.count_by_status()
+        assert counts.get("archived") == 2
