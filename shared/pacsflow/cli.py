@@ -198,7 +198,7 @@ async def _status(args: argparse.Namespace) -> int:
     except (OSError, TimeoutError, ValueError):
         report["process"] = {"reachable": False, "ready": False, "checks": {}}
     async with _database(settings) as db:
-        report["ledger"] = await Ledger(db).counts()
+        report["ledger"] = await Ledger(db).count_by_status()
     async with _bus(settings) as bus:
         report["queues"] = await bus.queue_depths()
         report["dead_letters"] = {s: len(await bus.dead_letters(s)) for s in SERVICES}
@@ -218,6 +218,86 @@ async def _status(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     return asyncio.run(_status(args))
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from pacsflow.dicom import NetworkOptions, echo
+    from pacsflow.errors import AssociationRejected, DicomError
+
+    settings = _settings(args)
+    node = settings.node(args.node)
+    options = NetworkOptions.from_settings(settings.dicom)
+    failures = 0
+    for _ in range(args.count):
+        try:
+            seconds = echo(node, options)
+        except AssociationRejected as err:
+            print(f"C-ECHO {node}: association failed: {err}")
+            failures += 1
+        except DicomError as err:
+            print(f"C-ECHO {node}: {err}")
+            failures += 1
+        else:
+            print(f"C-ECHO {node}: success in {seconds * 1000:.1f} ms")
+    return EXIT_OK if failures == 0 else EXIT_FAILED
+
+
+def _parse_since(text: str | None) -> float | None:
+    """``--since``: an ISO date/time, or an age such as 30m, 12h, 7d."""
+    if text is None:
+        return None
+    import re
+    import time
+    from datetime import datetime
+
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text)
+    if match:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+        return time.time() - float(match[1]) * unit
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise PacsflowError(f"--since {text!r}: give an ISO date/time or an age like 12h") from None
+
+
+_LEDGER_COLUMNS = ("id", "status", "path", "sop_instance_uid", "size", "reason", "archive_path",
+                   "updated_at")
+
+
+async def _ledger(args: argparse.Namespace) -> int:
+    import csv
+    from datetime import UTC, datetime
+
+    from pacsflow.store.ledger import Ledger
+
+    settings = _settings(args)
+    since = _parse_since(args.since)
+    async with _database(settings) as db:
+        ledger = Ledger(db)
+        rows = []
+        async for item in ledger.iter_files(status=args.status, since=since):
+            row = {name: getattr(item, name) for name in _LEDGER_COLUMNS}
+            row["updated_at"] = datetime.fromtimestamp(item.updated_at, UTC).isoformat(
+                timespec="seconds")
+            rows.append(row)
+            if args.ledger_command == "list" and len(rows) >= args.limit:
+                break
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.csv or args.ledger_command == "export":
+        writer = csv.DictWriter(sys.stdout, fieldnames=_LEDGER_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        for row in rows:
+            reason = f"  {row['reason']}" if row["reason"] else ""
+            print(f"{row['updated_at']}  {row['status']:<9} {row['path']}{reason}")
+        print(f"{len(rows)} file(s)")
+    return EXIT_OK
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    return asyncio.run(_ledger(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,6 +337,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+
+    echo_cmd = commands.add_parser("echo", help="C-ECHO a node, with the round-trip time")
+    _add_config_option(echo_cmd)
+    echo_cmd.add_argument("node", metavar="NODE|AET@HOST:PORT")
+    echo_cmd.add_argument("--count", type=int, default=1, help="how many echoes (default 1)")
+    echo_cmd.set_defaults(func=cmd_echo)
+
+    from pacsflow.store.ledger import FILE_STATUSES
+
+    ledger = commands.add_parser("ledger", help="the files pacsflow has seen, by status")
+    _add_config_option(ledger)
+    ledger.add_argument("ledger_command", choices=["list", "export"])
+    ledger.add_argument("--status", choices=FILE_STATUSES, help="only files with this status")
+    ledger.add_argument("--since", help="changed since an ISO date/time or an age (12h, 7d)")
+    ledger.add_argument("--limit", type=int, default=200, help="list: at most this many")
+    ledger.add_argument("--csv", action="store_true", help="CSV (export always is)")
+    ledger.add_argument("--json", action="store_true", help="machine-readable output")
+    ledger.set_defaults(func=cmd_ledger)
 
     dead = commands.add_parser("dead-letters", help="inspect, replay or purge dead letters")
     _add_config_option(dead)

@@ -1,0 +1,148 @@
+"""The ``pacsflow`` command as an administrator runs it: processes, signals, health, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pacsflow.config import SERVICES
+from tests.peers import StoreSCPProcess, free_port
+
+
+def write_config(tmp_path: Path) -> tuple[Path, int]:
+    http_port = free_port()
+    data = tmp_path / "data"
+    text = f"""
+http: {{host: 127.0.0.1, port: {http_port}}}
+logging: {{format: json, level: INFO}}
+state: {{backend: sqlite, path: {data}/pacsflow.db}}
+nodes:
+  router: {{ae_title: PACSFLOW, host: 127.0.0.1, port: {free_port()}}}
+watcher:
+  import_folders: [{data}/inbox]
+  archive_folder: {data}/archive
+  quarantine_folder: {data}/quarantine
+router:
+  port: {free_port()}
+  routes:
+    PACSFLOW: {{path: {data}/storage}}
+notifier:
+  mail_folder: {data}/mail
+"""
+    path = tmp_path / "pacsflow.yaml"
+    path.write_text(text)
+    return path, http_port
+
+
+def pacsflow(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pacsflow", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def wait_ready(port: int, process: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"exited early with {process.returncode}: "
+                                 f"{process.stderr.read() if process.stderr else ''}")
+        try:
+            if get(port, "/readyz")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("never became ready")
+
+
+class TestRunningServices:
+    @pytest.mark.parametrize("command", [["run"], ["watcher"], ["notifier"]])
+    def test_starts_serves_metrics_and_stops_on_sigterm(self, tmp_path: Path,
+                                                        command: list[str]) -> None:
+        config, http_port = write_config(tmp_path)
+        process = subprocess.Popen([sys.executable, "-m", "pacsflow", "-c", str(config),
+                                    *command], stderr=subprocess.PIPE, text=True)
+        try:
+            wait_ready(http_port, process)
+            status, metrics = get(http_port, "/metrics")
+            assert status == 200
+            names = list(SERVICES) if command == ["run"] else command
+            for name in names:
+                assert f'pacsflow_service_up{{service="{name}"}} 1.0' in metrics
+            assert get(http_port, "/healthz") == (200, "ok\n")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        stderr = process.stderr.read() if process.stderr else ""
+        lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+        assert any(line["message"] == "stopped" for line in lines)
+        assert not [line for line in lines if line["level"] == "ERROR"], stderr
+
+    def test_unknown_service(self) -> None:
+        result = pacsflow("run", "teleporter")
+        assert result.returncode == 2 and "unknown service" in result.stderr
+
+
+class TestStateCommands:
+    def test_db_upgrade_then_status(self, tmp_path: Path) -> None:
+        config, _ = write_config(tmp_path)
+        first = pacsflow("-c", str(config), "db", "upgrade")
+        assert first.returncode == 0, first.stderr
+        assert "applied" in first.stdout
+        again = pacsflow("-c", str(config), "db", "upgrade")
+        assert again.returncode == 0 and "up to date" in again.stdout
+        assert pacsflow("-c", str(config), "db", "status").returncode == 0
+
+    def test_status_json_when_nothing_runs(self, tmp_path: Path) -> None:
+        config, _ = write_config(tmp_path)
+        assert pacsflow("-c", str(config), "db", "upgrade").returncode == 0
+        result = pacsflow("-c", str(config), "status", "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["process"]["reachable"] is False
+        assert report["ledger"]["ready"] == 0
+        assert set(report["dead_letters"]) == set(SERVICES)
+
+    def test_ledger_export_is_csv(self, tmp_path: Path) -> None:
+        config, _ = write_config(tmp_path)
+        assert pacsflow("-c", str(config), "db", "upgrade").returncode == 0
+        result = pacsflow("-c", str(config), "ledger", "export", "--status", "invalid")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[0].startswith("id,status,path")
+
+    def test_bad_since(self, tmp_path: Path) -> None:
+        config, _ = write_config(tmp_path)
+        result = pacsflow("-c", str(config), "ledger", "list", "--since", "yesterdayish")
+        assert result.returncode == 1 and "--since" in result.stderr
+
+
+@pytest.mark.dcmtk
+class TestEcho:
+    def test_echo_a_storescp_and_a_closed_port(self, tmp_path: Path) -> None:
+        with StoreSCPProcess(tmp_path / "in") as scp:
+            node = scp.node
+            ok = pacsflow("echo", f"{node.ae_title}@127.0.0.1:{node.port}", "--count", "2")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert ok.stdout.count("success in") == 2
+        closed = pacsflow("echo", f"NOBODY@127.0.0.1:{free_port()}")
+        assert closed.returncode == 1
+        assert "association failed" in closed.stdout
