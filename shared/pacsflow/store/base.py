@@ -24,7 +24,7 @@ class Database(Protocol):
     dialect: Literal["postgres", "sqlite"]
 
     async def execute(self, sql: str, *args: Any) -> None:
-        """Run one statement."""
+        """Run one statement; without arguments, a script of several (atomic on its own)."""
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """Run one statement for many parameter rows (one round trip where possible)."""

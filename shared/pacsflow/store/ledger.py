@@ -1,0 +1,529 @@
+"""The file ledger: every file the watcher has seen, and its delivery to each destination.
+
+Two tables (core migration ``0001_ledger``): ``ledger_files``, one row per file as seen on disk
+(path, size and modification time identify it; content hash and DICOM UIDs describe it), and
+``ledger_deliveries``, one row per file and destination with the outcome of sending it there.
+
+A file's ``status`` is one of :data:`FILE_STATUSES`:
+
+* ``ready``: recorded and valid, waiting to be sent (or with a delivery still pending);
+* ``sending``: some destination is being sent to right now;
+* ``sent``: every destination confirmed it (DIMSE success or warning): it may be archived;
+* ``failed``: some destination failed for good and none is still pending;
+* ``invalid``: not DICOM, or damaged (``reason`` says why), never sent;
+* ``duplicate``: the same SOP Instance with the same content was already sent, so skipped;
+* ``archived``: moved out of the import folder (``archive_path``).
+
+The first four follow from the deliveries and are kept up to date by :meth:`Ledger.add_deliveries`
+and :meth:`Ledger.record_outcomes`. Every method works on a batch in a few statements, whatever
+its size: no statement per file.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, get_args
+
+from pacsflow.errors import StoreError
+from pacsflow.store.base import Database, Row
+
+__all__ = [
+    "DELIVERY_STATUSES",
+    "FILE_STATUSES",
+    "Delivery",
+    "DeliveryStatus",
+    "FileDetails",
+    "FileStatus",
+    "Ledger",
+    "LedgerFile",
+    "Outcome",
+    "Recorded",
+    "SeenFile",
+]
+
+FileStatus = Literal["ready", "sending", "sent", "failed", "invalid", "duplicate", "archived"]
+DeliveryStatus = Literal["pending", "sending", "sent", "warning", "failed", "unsupported"]
+
+#: every status of a file
+FILE_STATUSES: tuple[FileStatus, ...] = get_args(FileStatus)
+#: every status of a delivery of a file to one destination
+DELIVERY_STATUSES: tuple[DeliveryStatus, ...] = get_args(DeliveryStatus)
+
+# Statuses that end one attempt to send (and so count as one).
+_ATTEMPT_RESULTS = frozenset({"sent", "warning", "failed", "unsupported"})
+
+# Parameters per statement (both allow over 32,000). Measured on 10,000 files: statements this
+# small are faster on PostgreSQL (asyncpg keeps them prepared: under 15 KiB of text) and as fast
+# on SQLite; a batch still takes a few dozen statements, not one per file.
+_MAX_PARAMETERS = 2_000
+
+_FILE_COLUMN_NAMES = (
+    "id", "path", "size", "mtime", "sha256", "sop_instance_uid", "series_instance_uid",
+    "study_instance_uid", "sop_class_uid", "transfer_syntax_uid", "batch_key", "status",
+    "reason", "archive_path", "created_at", "updated_at",
+)  # fmt: skip
+_FILE_COLUMNS = ", ".join(_FILE_COLUMN_NAMES)
+_DELIVERY_COLUMNS = (
+    "file_id, destination, status, dimse_status, attempts, last_error, created_at, updated_at"
+)
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class SeenFile:
+    """A file found in an import folder, as the watcher records it."""
+
+    path: str | os.PathLike[str]
+    size: int
+    mtime: float
+    sha256: str | None = None
+    sop_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    sop_class_uid: str | None = None
+    transfer_syntax_uid: str | None = None
+    batch_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FileDetails:
+    """What reading a recorded file found: its content hash and DICOM identifiers."""
+
+    file_id: int
+    sha256: str | None = None
+    sop_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    sop_class_uid: str | None = None
+    transfer_syntax_uid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """The ledger row of a seen file; ``new`` when this call created it.
+
+    ``new`` is for information: a file recorded before a crash comes back with ``new`` False,
+    so what to do next is decided by ``status``.
+    """
+
+    id: int
+    path: str
+    size: int
+    mtime: float
+    status: FileStatus
+    new: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerFile:
+    """A row of ``ledger_files``."""
+
+    id: int
+    path: str
+    size: int
+    mtime: float
+    sha256: str | None
+    sop_instance_uid: str | None
+    series_instance_uid: str | None
+    study_instance_uid: str | None
+    sop_class_uid: str | None
+    transfer_syntax_uid: str | None
+    batch_key: str | None
+    status: FileStatus
+    reason: str | None
+    archive_path: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A row of ``ledger_deliveries``: one file and one destination."""
+
+    file_id: int
+    destination: str
+    status: DeliveryStatus
+    dimse_status: int | None
+    attempts: int
+    last_error: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened when sending one file to one destination.
+
+    ``attempts`` None counts one more attempt when ``status`` ends one (sent, warning, failed,
+    unsupported) and leaves the count alone otherwise (pending, sending).
+    """
+
+    file_id: int
+    destination: str
+    status: DeliveryStatus
+    dimse_status: int | None = None
+    error: str | None = None
+    attempts: int | None = None
+
+
+def _chunks(items: Sequence[_T], columns: int) -> Iterable[Sequence[_T]]:
+    size = max(1, _MAX_PARAMETERS // columns)
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@functools.lru_cache(maxsize=256)
+def _placeholders(count: int, start: int = 1) -> str:
+    return ", ".join(f"${n}" for n in range(start, start + count))
+
+
+@functools.lru_cache(maxsize=64)
+def _values(rows: int, columns: int) -> str:
+    return ", ".join(f"({_placeholders(columns, 1 + row * columns)})" for row in range(rows))
+
+
+def _check_status(status: str, allowed: Sequence[str], what: str) -> None:
+    if status not in allowed:
+        raise ValueError(f"{status!r} is not a {what} status (one of: {', '.join(allowed)})")
+
+
+def _file(row: Row) -> LedgerFile:
+    return LedgerFile(**row)
+
+
+def _delivery(row: Row) -> Delivery:
+    return Delivery(**row)
+
+
+class Ledger:
+    """The file ledger on a :class:`~pacsflow.store.base.Database` (after core migrations)."""
+
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
+        self._db = db
+        self._clock = clock
+
+    async def record_seen(self, files: Sequence[SeenFile]) -> list[Recorded]:
+        """Record files seen on disk, once per path+size+mtime; one result per input, in order."""
+        keys = [(os.fspath(f.path), int(f.size), float(f.mtime)) for f in files]
+        unique: dict[tuple[str, int, float], SeenFile] = {}
+        for key, seen in zip(keys, files, strict=True):
+            unique.setdefault(key, seen)
+        if not unique:
+            return []
+        now = self._clock()
+        found: dict[tuple[str, int, float], tuple[int, FileStatus]] = {}
+        created: set[tuple[str, int, float]] = set()
+        columns = 13
+        # In key order, so that two writers of overlapping batches lock rows in the same order
+        # (PostgreSQL would otherwise end one of them as a deadlock).
+        ordered = sorted(unique.items(), key=lambda item: item[0])
+        async with self._db.transaction() as tx:
+            for chunk in _chunks(ordered, columns):
+                args: list[Any] = []
+                for (path, size, mtime), seen in chunk:
+                    args += [
+                        path, size, mtime, seen.sha256, seen.sop_instance_uid,
+                        seen.series_instance_uid, seen.study_instance_uid, seen.sop_class_uid,
+                        seen.transfer_syntax_uid, seen.batch_key, "ready", now, now,
+                    ]  # fmt: skip
+                rows = await tx.fetch(
+                    "INSERT INTO ledger_files (path, size, mtime, sha256, sop_instance_uid,"
+                    " series_instance_uid, study_instance_uid, sop_class_uid,"
+                    " transfer_syntax_uid, batch_key, status, created_at, updated_at)"
+                    f" VALUES {_values(len(chunk), columns)}"
+                    " ON CONFLICT (path, size, mtime) DO NOTHING"
+                    " RETURNING id, path, size, mtime",
+                    *args,
+                )
+                for row in rows:
+                    key = (row["path"], row["size"], row["mtime"])
+                    found[key] = (row["id"], "ready")
+                    created.add(key)
+            # The others were recorded before: look them up by path (the unique index's prefix).
+            missing = sorted({key[0] for key in unique if key not in found})
+            for paths in _chunks(missing, 1):
+                rows = await tx.fetch(
+                    "SELECT id, path, size, mtime, status FROM ledger_files"
+                    f" WHERE path IN ({_placeholders(len(paths))})",
+                    *paths,
+                )
+                for row in rows:
+                    key = (row["path"], row["size"], row["mtime"])
+                    if key in unique and key not in found:
+                        found[key] = (row["id"], row["status"])
+        results = []
+        for key in keys:
+            if key not in found:
+                raise StoreError(f"ledger: {key[0]} was neither inserted nor found")
+            file_id, status = found[key]
+            new = key in created
+            # The same file twice in one batch: only its first mention created the row.
+            created.discard(key)
+            results.append(Recorded(file_id, key[0], key[1], key[2], status, new))
+        return results
+
+    async def set_details(self, details: Sequence[FileDetails]) -> None:
+        """Store content hashes and DICOM identifiers found by reading recorded files."""
+        now = self._clock()
+        await self._db.executemany(
+            "UPDATE ledger_files SET sha256 = $2, sop_instance_uid = $3,"
+            " series_instance_uid = $4, study_instance_uid = $5, sop_class_uid = $6,"
+            " transfer_syntax_uid = $7, updated_at = $8 WHERE id = $1",
+            [
+                (
+                    d.file_id, d.sha256, d.sop_instance_uid, d.series_instance_uid,
+                    d.study_instance_uid, d.sop_class_uid, d.transfer_syntax_uid, now,
+                )
+                for d in details
+            ],
+        )  # fmt: skip
+
+    async def mark_invalid(self, reasons: Mapping[int, str]) -> None:
+        """Mark files (id -> reason) as not DICOM or damaged; they are never sent."""
+        await self._set_status(reasons, "invalid")
+
+    async def mark_duplicate(self, reasons: Mapping[int, str]) -> None:
+        """Mark files (id -> reason) as copies of instances already sent; they are skipped."""
+        await self._set_status(reasons, "duplicate")
+
+    async def _set_status(self, reasons: Mapping[int, str], status: FileStatus) -> None:
+        now = self._clock()
+        await self._db.executemany(
+            "UPDATE ledger_files SET status = $2, reason = $3, updated_at = $4 WHERE id = $1",
+            [(file_id, status, reason, now) for file_id, reason in reasons.items()],
+        )
+
+    async def find_sent(
+        self, instances: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], frozenset[str]]:
+        """For (SOP Instance UID, sha256) pairs already confirmed somewhere: the destinations."""
+        wanted = set(instances)
+        uids = sorted({uid for uid, _ in wanted})
+        found: dict[tuple[str, str], set[str]] = {}
+        for chunk in _chunks(uids, 1):
+            rows = await self._db.fetch(
+                "SELECT f.sop_instance_uid, f.sha256, d.destination"
+                " FROM ledger_files f JOIN ledger_deliveries d ON d.file_id = f.id"
+                f" WHERE f.sop_instance_uid IN ({_placeholders(len(chunk))})"
+                " AND d.status IN ('sent', 'warning')",
+                *chunk,
+            )
+            for row in rows:
+                key = (row["sop_instance_uid"], row["sha256"])
+                if key in wanted:
+                    found.setdefault(key, set()).add(row["destination"])
+        return {key: frozenset(destinations) for key, destinations in found.items()}
+
+    async def add_deliveries(self, file_ids: Iterable[int], destinations: Iterable[str]) -> None:
+        """Create a pending delivery of each file to each destination (existing ones stay)."""
+        ids = list(dict.fromkeys(file_ids))
+        targets = list(dict.fromkeys(destinations))
+        if not ids or not targets:
+            return
+        now = self._clock()
+        async with self._db.transaction() as tx:
+            await tx.executemany(
+                "INSERT INTO ledger_deliveries (file_id, destination, status, attempts,"
+                " created_at, updated_at) VALUES ($1, $2, 'pending', 0, $3, $3)"
+                " ON CONFLICT (file_id, destination) DO NOTHING",
+                [(file_id, target, now) for file_id in ids for target in targets],
+            )
+            await self._refresh(tx, ids, now)
+
+    async def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
+        """Record send outcomes per file and destination; update the files' statuses."""
+        for outcome in outcomes:
+            _check_status(outcome.status, DELIVERY_STATUSES, "delivery")
+        if not outcomes:
+            return
+        now = self._clock()
+        rows = []
+        for o in outcomes:
+            counted = 1 if o.status in _ATTEMPT_RESULTS else 0
+            first = counted if o.attempts is None else o.attempts
+            rows.append(
+                (o.file_id, o.destination, o.status, o.dimse_status, o.attempts, o.error, now,
+                 counted, first)
+            )  # fmt: skip
+        async with self._db.transaction() as tx:
+            # $5 (attempts given) wins; else $8 (0 or 1) is added; $9 is the count of a new row.
+            await tx.executemany(
+                "INSERT INTO ledger_deliveries (file_id, destination, status, dimse_status,"
+                " attempts, last_error, created_at, updated_at)"
+                " VALUES ($1, $2, $3, $4, $9, $6, $7, $7)"
+                " ON CONFLICT (file_id, destination) DO UPDATE SET"
+                " status = excluded.status, dimse_status = excluded.dimse_status,"
+                " attempts = COALESCE($5, ledger_deliveries.attempts + $8),"
+                " last_error = excluded.last_error, updated_at = excluded.updated_at",
+                rows,
+            )
+            await self._refresh(tx, list(dict.fromkeys(o.file_id for o in outcomes)), now)
+
+    async def _refresh(self, tx: Database, file_ids: Sequence[int], now: float) -> None:
+        # The file's status follows from its deliveries: in progress first, then waiting,
+        # then failed; sent only when every destination confirmed.
+        for chunk in _chunks(file_ids, 1):
+            await tx.execute(
+                "UPDATE ledger_files SET status = (SELECT CASE"
+                " WHEN count(*) = 0 THEN 'ready'"
+                " WHEN count(*) FILTER (WHERE d.status = 'sending') > 0 THEN 'sending'"
+                " WHEN count(*) FILTER (WHERE d.status = 'pending') > 0 THEN 'ready'"
+                " WHEN count(*) FILTER (WHERE d.status IN ('sent', 'warning')) < count(*)"
+                " THEN 'failed'"
+                " ELSE 'sent' END"
+                " FROM ledger_deliveries d WHERE d.file_id = ledger_files.id),"
+                " updated_at = $1"
+                f" WHERE id IN ({_placeholders(len(chunk), 2)})"
+                " AND status IN ('ready', 'sending', 'sent', 'failed')",
+                now,
+                *chunk,
+            )
+
+    async def deliveries(self, file_ids: Iterable[int]) -> list[Delivery]:
+        """The deliveries of these files, by file and destination."""
+        ids = sorted(set(file_ids))
+        found: list[Delivery] = []
+        for chunk in _chunks(ids, 1):
+            rows = await self._db.fetch(
+                f"SELECT {_DELIVERY_COLUMNS} FROM ledger_deliveries"
+                f" WHERE file_id IN ({_placeholders(len(chunk))})"
+                " ORDER BY file_id, destination",
+                *chunk,
+            )
+            found += map(_delivery, rows)
+        return found
+
+    async def get_files(self, file_ids: Iterable[int]) -> list[LedgerFile]:
+        """These files (those that exist), by id."""
+        ids = sorted(set(file_ids))
+        found: list[LedgerFile] = []
+        for chunk in _chunks(ids, 1):
+            rows = await self._db.fetch(
+                f"SELECT {_FILE_COLUMNS} FROM ledger_files"
+                f" WHERE id IN ({_placeholders(len(chunk))}) ORDER BY id",
+                *chunk,
+            )
+            found += map(_file, rows)
+        return found
+
+    async def list_confirmed(
+        self, file_ids: Iterable[int] | None = None, *, limit: int = 1000
+    ) -> list[LedgerFile]:
+        """Files confirmed by every destination, not archived (among ``file_ids`` if given)."""
+        condition = (
+            "f.status = 'sent'"
+            " AND EXISTS (SELECT 1 FROM ledger_deliveries d WHERE d.file_id = f.id)"
+            " AND NOT EXISTS (SELECT 1 FROM ledger_deliveries d WHERE d.file_id = f.id"
+            " AND d.status NOT IN ('sent', 'warning'))"
+        )
+        query = "SELECT " + ", ".join(f"f.{name}" for name in _FILE_COLUMN_NAMES)
+        if file_ids is None:
+            rows = await self._db.fetch(
+                f"{query} FROM ledger_files f WHERE {condition}"
+                " ORDER BY f.updated_at, f.id LIMIT $1",
+                limit,
+            )
+            return [_file(row) for row in rows]
+        found: list[LedgerFile] = []
+        for chunk in _chunks(sorted(set(file_ids)), 1):
+            rows = await self._db.fetch(
+                f"{query} FROM ledger_files f WHERE {condition}"
+                f" AND f.id IN ({_placeholders(len(chunk))})",
+                *chunk,
+            )
+            found += map(_file, rows)
+        found.sort(key=lambda f: (f.updated_at, f.id))
+        return found[:limit]
+
+    async def mark_archived(self, archive_paths: Mapping[int, str | None]) -> None:
+        """Mark files (id -> where they were moved, None when deleted) as archived."""
+        now = self._clock()
+        await self._db.executemany(
+            "UPDATE ledger_files SET status = 'archived', archive_path = $2, updated_at = $3"
+            " WHERE id = $1",
+            [(file_id, path, now) for file_id, path in archive_paths.items()],
+        )
+
+    async def list_files(
+        self,
+        *,
+        status: FileStatus | None = None,
+        since: float | None = None,
+        # (updated_at, id) of the last file of the previous page
+        after: tuple[float, int] | None = None,
+        limit: int = 1000,
+    ) -> list[LedgerFile]:
+        """Files by last change, filtered by status and ``since``, from after the cursor."""
+        where, args = self._filter(status, since)
+        if after is not None:
+            args += [after[0], after[1]]
+            where.append(f"(updated_at, id) > (${len(args) - 1}, ${len(args)})")
+        args.append(limit)
+        rows = await self._db.fetch(
+            f"SELECT {_FILE_COLUMNS} FROM ledger_files"
+            f"{' WHERE ' + ' AND '.join(where) if where else ''}"
+            f" ORDER BY updated_at, id LIMIT ${len(args)}",
+            *args,
+        )
+        return [_file(row) for row in rows]
+
+    async def iter_files(
+        self,
+        *,
+        status: FileStatus | None = None,
+        since: float | None = None,
+        page_size: int = 1000,
+    ) -> AsyncIterator[LedgerFile]:
+        """Every file :meth:`list_files` selects, fetched a page at a time (for exports)."""
+        after: tuple[float, int] | None = None
+        while True:
+            page = await self.list_files(status=status, since=since, after=after, limit=page_size)
+            for item in page:
+                yield item
+            if len(page) < page_size:
+                return
+            after = (page[-1].updated_at, page[-1].id)
+
+    async def count_by_status(self, *, since: float | None = None) -> dict[FileStatus, int]:
+        """Files per status (every status, zero included), changed at or after ``since``."""
+        where, args = self._filter(None, since)
+        rows = await self._db.fetch(
+            "SELECT status, count(*) AS n FROM ledger_files"
+            f"{' WHERE ' + ' AND '.join(where) if where else ''} GROUP BY status",
+            *args,
+        )
+        counts: dict[FileStatus, int] = dict.fromkeys(FILE_STATUSES, 0)
+        for row in rows:
+            counts[row["status"]] = row["n"]
+        return counts
+
+    async def count_files(
+        self, *, status: FileStatus | None = None, since: float | None = None
+    ) -> int:
+        """How many files have this status (any when None), changed at or after ``since``."""
+        where, args = self._filter(status, since)
+        return int(
+            await self._db.fetchval(
+                "SELECT count(*) FROM ledger_files"
+                f"{' WHERE ' + ' AND '.join(where) if where else ''}",
+                *args,
+            )
+        )
+
+    @staticmethod
+    def _filter(status: str | None, since: float | None) -> tuple[list[str], list[Any]]:
+        where: list[str] = []
+        args: list[Any] = []
+        if status is not None:
+            _check_status(status, FILE_STATUSES, "file")
+            args.append(status)
+            where.append(f"status = ${len(args)}")
+        if since is not None:
+            args.append(float(since))
+            where.append(f"updated_at >= ${len(args)}")
+        return where, args

@@ -1,0 +1,1 @@
+"""Tests of the state store: one contract, run against PostgreSQL and SQLite."""
