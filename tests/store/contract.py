@@ -430,14 +430,16 @@ class MigrationContract(StoreCase):
         return {"demo": make_migrations(root, DEMO)}
 
     async def test_core_migrations_apply_once_and_are_recorded(self, db: Database) -> None:
-        assert [str(m) for m in await pending(db, ["core"])] == ["core 0001_ledger"]
+        core = [("core", 1, "ledger"), ("core", 2, "ledger_announced")]
+        assert [str(m) for m in await pending(db, ["core"])] == [
+            "core 0001_ledger", "core 0002_ledger_announced"]
         first = await upgrade(db, ["core"])
-        assert [(m.component, m.version, m.name) for m in first] == [("core", 1, "ledger")]
+        assert [(m.component, m.version, m.name) for m in first] == core
         assert first[0].filename == f"0001_ledger.{db.dialect}.sql"
         assert await upgrade(db, ["core"]) == []
         assert await pending(db, ["core"]) == []
         rows = await applied(db)
-        assert [(r.component, r.version, r.name) for r in rows] == [("core", 1, "ledger")]
+        assert [(r.component, r.version, r.name) for r in rows] == core
         assert rows[0].applied_at > 0
         assert await db.fetchval("SELECT count(*) FROM ledger_files") == 0
 
@@ -456,8 +458,9 @@ class MigrationContract(StoreCase):
 
     async def test_missing_component_package_is_skipped(self, db: Database) -> None:
         packages = {"core": "pacsflow.store.migrations", "ghost": "pf_no_such_package.migrations"}
-        assert [m.component for m in discover(db.dialect, packages=packages)] == ["core"]
-        assert [str(m) for m in await upgrade(db, packages=packages)] == ["core 0001_ledger"]
+        assert {m.component for m in discover(db.dialect, packages=packages)} == {"core"}
+        assert [str(m) for m in await upgrade(db, packages=packages)] == [
+            "core 0001_ledger", "core 0002_ledger_announced"]
 
     async def test_failed_migration_is_rolled_back_and_not_recorded(
         self, db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

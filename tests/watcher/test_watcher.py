@@ -128,7 +128,7 @@ class TestDebounce:
 
 
 class TestRestart:
-    async def test_restart_announces_what_is_waiting_and_records_nothing_twice(
+    async def test_restart_announces_only_what_was_not_announced(
         self, rig: Rig, tmp_path: Path
     ) -> None:
         write_ct_series(rig.inbox / "#1-A", 300)
@@ -136,11 +136,16 @@ class TestRestart:
         await rig.wait_for(300)
         await rig.stop()
         write_ct_series(rig.inbox / "#2-B", 50)
+        # A file recorded but not announced before a crash (the publish never happened).
+        rows = await rig.ledger.list_files(status="ready", limit=1)
+        await rig.ledger._db.execute(  # noqa: SLF001 - simulating the crash window
+            "UPDATE ledger_files SET announced_at = NULL WHERE id = $1", rows[0].id)
         rig.watcher = Watcher(rig.watcher.settings, ledger=rig.ledger, bus=rig.bus,
                               source=SOURCE, registry=CollectorRegistry())
         await rig.start()
-        # The new folder, and again the 300 that no uploader took yet (still "ready").
-        await rig.wait_for(650)
+        await rig.wait_for(351)
+        await asyncio.sleep(1.5)
+        assert len(rig.received.files) == 351  # the new folder and the one not announced
         counts = await rig.ledger.count_by_status()
         assert counts.get("ready") == 350
         assert sum(counts.values()) == 350  # one ledger row per file, never two

@@ -142,9 +142,6 @@ class Watcher:
         self.tracker = QuietTracker(settings.debounce_seconds)
         self._first_change: dict[Path, float] = {}
         self._pattern = re.compile(settings.rename_pattern) if settings.rename_pattern else None
-        # Files announced by this process; after a restart, files still waiting are announced
-        # again (the uploader ignores what it already has).
-        self._announced: set[int] = set()
         self._archive_lock = asyncio.Lock()
         self._wake = asyncio.Event()
 
@@ -269,7 +266,7 @@ class Watcher:
                 invalid[row.id] = row.reason or item.verdict.reason
             elif item.verdict.outcome == "dicomdir":
                 dicomdirs.append(row)
-            elif row.status == "ready" and row.id not in self._announced:
+            elif row.status == "ready" and row.announced_at is None:
                 candidates.append((row, item))
             elif row.status in ("duplicate", "archived"):
                 # Recorded as handled, yet in the import folder: a crash before the move, or
@@ -283,7 +280,6 @@ class Watcher:
         to_announce = await self._drop_duplicates(candidates, stamp)
         await self._announce(to_announce, batch_key)
         self.metrics.files.labels(outcome="dicomdir").inc(len(dicomdirs))
-        await self._refresh_ledger_gauge()
         return True
 
     def _check_files(
@@ -427,7 +423,9 @@ class Watcher:
                 ),
             ))
         await self.bus.publish(*events)
-        self._announced.update(row.id for row, _ in files)
+        # A crash between the publish and this line announces these files once more after a
+        # restart; the uploader keeps one delivery per file and destination, so none is sent twice.
+        await self.ledger.mark_announced(row.id for row, _ in files)
         self.metrics.files.labels(outcome="valid").inc(len(files))
         log.info("announced %d file(s) of %s in %d event(s)", len(files), batch_key, len(events))
 
@@ -440,6 +438,8 @@ class Watcher:
         while True:
             try:
                 await self.archive_confirmed()
+                # Counting scans the whole ledger: on this timer, not per unit.
+                await self._refresh_ledger_gauge()
             except Exception as err:  # noqa: BLE001 - retried on the next tick; never fatal
                 log.error("archiving failed: %s", err)
                 self.metrics.errors.labels(stage="archive").inc()
@@ -478,7 +478,6 @@ class Watcher:
                 log.error("cannot archive %s: %s", path, err)
                 self.metrics.errors.labels(stage="archive").inc()
         await self.ledger.mark_archived(archived)
-        self._announced.difference_update(archived)
         if count:
             self.metrics.archived.inc(len(archived))
         await self._remove_empty_folders(Path(row.path) for row in files)

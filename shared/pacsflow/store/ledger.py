@@ -64,7 +64,7 @@ _MAX_PARAMETERS = 2_000
 _FILE_COLUMN_NAMES = (
     "id", "path", "size", "mtime", "sha256", "sop_instance_uid", "series_instance_uid",
     "study_instance_uid", "sop_class_uid", "transfer_syntax_uid", "batch_key", "status",
-    "reason", "archive_path", "created_at", "updated_at",
+    "reason", "archive_path", "created_at", "updated_at", "announced_at",
 )  # fmt: skip
 _FILE_COLUMNS = ", ".join(_FILE_COLUMN_NAMES)
 _DELIVERY_COLUMNS = (
@@ -139,6 +139,8 @@ class LedgerFile:
     archive_path: str | None
     created_at: float
     updated_at: float
+    # When the file-ready event naming it was confirmed by the bus (None: not yet).
+    announced_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,6 +441,18 @@ class Ledger:
             found += map(_file, rows)
         found.sort(key=lambda f: (f.updated_at, f.id))
         return found[:limit]
+
+    async def mark_announced(self, file_ids: Iterable[int]) -> None:
+        """Record that a file-ready event naming these files was published."""
+        now = self._clock()
+        ids = sorted(set(file_ids))
+        for chunk in _chunks(ids, 1):
+            await self._db.execute(
+                f"UPDATE ledger_files SET announced_at = $1"
+                f" WHERE id IN ({_placeholders(len(chunk), 2)})",
+                now,
+                *chunk,
+            )
 
     async def mark_archived(self, archive_paths: Mapping[int, str | None]) -> None:
         """Mark files (id -> where they were moved, None when deleted) as archived."""
