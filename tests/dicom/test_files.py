@@ -1,0 +1,265 @@
+"""Part 10 files as bytes: header reads that stop before pixel data, and atomic writes."""
+
+from __future__ import annotations
+
+import subprocess
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dsutils import split_dataset
+
+from pacsflow.dicom.files import (
+    IMPLEMENTATION_CLASS_UID,
+    encode_file_meta,
+    read_dataset_header,
+    read_part10,
+    scan_identifiers,
+    write_part10,
+)
+from pacsflow.errors import InvalidDicom
+from tests.conftest import require_tool
+from tests.dicom.synthetic import write_ct_series
+
+# Files in pydicom's corpus that are complete images with file meta, one per transfer syntax
+# family, and the bare data sets (no preamble, no meta) in it.
+WITH_META = [
+    "CT_small.dcm",  # explicit VR little endian
+    "MR_small_implicit.dcm",
+    "MR_small_bigendian.dcm",
+    "image_dfl.dcm",  # deflated
+    "JPEG2000.dcm",
+    "MR_small_RLE.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+    "rtdose.dcm",
+]
+WITHOUT_META = {
+    "rtstruct.dcm": "1.2.840.10008.1.2",
+    "ExplVR_LitEndNoMeta.dcm": "1.2.840.10008.1.2.1",
+    "ExplVR_BigEndNoMeta.dcm": "1.2.840.10008.1.2.2",
+}
+
+
+def _pydicom_read(path: Path) -> pydicom.Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(path, force=True, stop_before_pixels=True)
+
+
+class TestReadPart10:
+    @pytest.mark.parametrize("name", WITH_META)
+    def test_identifiers_and_offset_match_pydicom_and_pynetdicom(
+        self, pydicom_test_files: Path, name: str
+    ) -> None:
+        path = pydicom_test_files / name
+        part_ten = read_part10(path)
+        reference = _pydicom_read(path)
+        meta, offset = split_dataset(path)
+        assert part_ten.sop_class_uid == reference.SOPClassUID
+        assert part_ten.sop_instance_uid == reference.SOPInstanceUID
+        assert part_ten.study_instance_uid == reference.StudyInstanceUID
+        assert part_ten.series_instance_uid == reference.SeriesInstanceUID
+        assert part_ten.transfer_syntax_uid == meta.TransferSyntaxUID
+        assert part_ten.dataset_offset == offset
+        assert part_ten.size == path.stat().st_size
+        assert part_ten.presentation == (part_ten.sop_class_uid, part_ten.transfer_syntax_uid)
+
+    @pytest.mark.parametrize(("name", "syntax"), sorted(WITHOUT_META.items()))
+    def test_bare_data_set_is_read_with_the_syntax_its_bytes_show(
+        self, pydicom_test_files: Path, name: str, syntax: str
+    ) -> None:
+        path = pydicom_test_files / name
+        part_ten = read_part10(path)
+        assert part_ten.dataset_offset == 0
+        assert part_ten.transfer_syntax_uid == syntax
+        assert part_ten.sop_instance_uid == _pydicom_read(path).SOPInstanceUID
+
+    def test_synthetic_file_is_read_without_touching_pixel_data(self, tmp_path: Path) -> None:
+        (path,) = write_ct_series(tmp_path, 1)
+        part_ten = read_part10(path)
+        # Corrupting the pixel bytes cannot change what the header read returns.
+        data = bytearray(path.read_bytes())
+        data[-100:] = b"\xff" * 100
+        path.write_bytes(bytes(data))
+        assert read_part10(path) == part_ten
+
+    @pytest.mark.parametrize(
+        ("name", "reason"),
+        [
+            ("README.txt", "not DICOM"),
+            ("crayons.icc", "not DICOM"),
+            ("no_meta.dcm", "not DICOM"),
+            ("MR_truncated.dcm", "truncated: pixel data"),
+            ("rtplan_truncated.dcm", "truncated"),
+            ("meta_missing_tsyntax.dcm", "no SOP Class UID"),
+            # File meta says JPEG Baseline, the data set is implicit VR: a receiver would
+            # misread the bytes, so the file is not sendable as it is.
+            ("SC_rgb_jpeg.dcm", "not encoded as its transfer syntax"),
+        ],
+    )
+    def test_corpus_files_that_cannot_be_sent_are_invalid_with_a_reason(
+        self, pydicom_test_files: Path, name: str, reason: str
+    ) -> None:
+        with pytest.raises(InvalidDicom) as raised:
+            read_part10(pydicom_test_files / name)
+        assert reason in raised.value.reason
+
+    def test_empty_file_is_invalid(self, tmp_path: Path) -> None:
+        path = tmp_path / "empty.dcm"
+        path.write_bytes(b"")
+        with pytest.raises(InvalidDicom, match="not DICOM"):
+            read_part10(path)
+
+    def test_missing_file_is_invalid(self, tmp_path: Path) -> None:
+        with pytest.raises(InvalidDicom, match="cannot read"):
+            read_part10(tmp_path / "absent.dcm")
+
+    def test_file_cut_inside_the_header_is_invalid(self, tmp_path: Path) -> None:
+        (path,) = write_ct_series(tmp_path, 1)
+        path.write_bytes(path.read_bytes()[:400])
+        with pytest.raises(InvalidDicom, match="truncated"):
+            read_part10(path)
+
+    def test_data_set_without_sop_instance_uid_is_invalid(self, tmp_path: Path) -> None:
+        (path,) = write_ct_series(tmp_path, 1)
+        ds = pydicom.dcmread(path)
+        del ds.SOPInstanceUID
+        ds.save_as(path)
+        with pytest.raises(InvalidDicom, match="no SOP Instance UID"):
+            read_part10(path)
+
+    def test_explicit_meta_over_implicit_data_set_is_sent_as_implicit(
+        self, pydicom_test_files: Path, tmp_path: Path
+    ) -> None:
+        source = pydicom_test_files / "MR_small_implicit.dcm"
+        implicit = read_part10(source)
+        # A writer bug seen in the field: the meta claims explicit VR, the data set is implicit.
+        mislabelled = write_part10(
+            tmp_path / "mislabelled.dcm",
+            source.read_bytes()[implicit.dataset_offset :],
+            sop_class_uid=implicit.sop_class_uid,
+            sop_instance_uid=implicit.sop_instance_uid,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+        )
+        assert read_part10(mislabelled).transfer_syntax_uid == ImplicitVRLittleEndian
+
+
+class TestScanIdentifiers:
+    def test_uids_of_received_bytes(self, pydicom_test_files: Path) -> None:
+        path = pydicom_test_files / "MR_small_bigendian.dcm"
+        part_ten = read_part10(path)
+        data = path.read_bytes()[part_ten.dataset_offset :]
+        assert scan_identifiers(data, part_ten.transfer_syntax_uid) == (
+            part_ten.sop_instance_uid,
+            part_ten.study_instance_uid,
+            part_ten.series_instance_uid,
+        )
+
+    def test_deflated_bytes_are_inflated_first(self, pydicom_test_files: Path) -> None:
+        path = pydicom_test_files / "image_dfl.dcm"
+        part_ten = read_part10(path)
+        data = path.read_bytes()[part_ten.dataset_offset :]
+        assert scan_identifiers(data, part_ten.transfer_syntax_uid)[0] == part_ten.sop_instance_uid
+
+    def test_header_stops_before_pixel_data(self, pydicom_test_files: Path) -> None:
+        path = pydicom_test_files / "CT_small.dcm"
+        part_ten = read_part10(path)
+        header = read_dataset_header(
+            path.read_bytes()[part_ten.dataset_offset :], part_ten.transfer_syntax_uid
+        )
+        assert header.PatientName == "CompressedSamples^CT1"
+        assert "PixelData" not in header
+
+
+class TestWritePart10:
+    def _write_copy(self, source: Path, target: Path) -> Path:
+        part_ten = read_part10(source)
+        data = source.read_bytes()[part_ten.dataset_offset :]
+        return write_part10(
+            target,
+            data,
+            sop_class_uid=part_ten.sop_class_uid,
+            sop_instance_uid=part_ten.sop_instance_uid,
+            transfer_syntax_uid=part_ten.transfer_syntax_uid,
+            source_ae_title="MODALITY",
+        )
+
+    @pytest.mark.parametrize("name", WITH_META)
+    def test_data_set_bytes_are_written_unchanged_behind_valid_meta(
+        self, pydicom_test_files: Path, tmp_path: Path, name: str
+    ) -> None:
+        source = pydicom_test_files / name
+        written = self._write_copy(source, tmp_path / "copy.dcm")
+        source_meta = read_part10(source)
+        copy_meta = read_part10(written)
+        assert (
+            written.read_bytes()[copy_meta.dataset_offset :]
+            == source.read_bytes()[source_meta.dataset_offset :]
+        )
+        copy = pydicom.dcmread(written)
+        assert copy.preamble == b"\x00" * 128
+        assert copy.file_meta.TransferSyntaxUID == source_meta.transfer_syntax_uid
+        assert copy.file_meta.MediaStorageSOPInstanceUID == source_meta.sop_instance_uid
+        assert copy.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+        assert copy.file_meta.SourceApplicationEntityTitle == "MODALITY"
+        assert copy.SOPInstanceUID == source_meta.sop_instance_uid
+
+    def test_group_length_counts_the_meta_elements(self) -> None:
+        meta = encode_file_meta("1.2.3", "1.2.3.4", "1.2.840.10008.1.2.1", "AE")
+        # (0002,0000) UL: 8-byte header + 4-byte value, then the group it measures.
+        assert int.from_bytes(meta[8:12], "little") == len(meta) - 12
+
+    def test_dcmdump_reads_the_written_file(self, pydicom_test_files: Path, tmp_path: Path) -> None:
+        dcmdump = require_tool("dcmdump")
+        written = self._write_copy(pydicom_test_files / "MR_small_RLE.dcm", tmp_path / "rle.dcm")
+        result = subprocess.run(
+            [dcmdump, "-M", str(written)], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        assert "RLELossless" in result.stdout or "RLE Lossless" in result.stdout
+        assert "(0008,0018)" in result.stdout
+
+    def test_no_temporary_file_is_left_behind(
+        self, pydicom_test_files: Path, tmp_path: Path
+    ) -> None:
+        self._write_copy(pydicom_test_files / "CT_small.dcm", tmp_path / "ct.dcm")
+        assert [p.name for p in tmp_path.iterdir()] == ["ct.dcm"]
+
+    def test_existing_file_is_replaced_whole(
+        self, pydicom_test_files: Path, tmp_path: Path
+    ) -> None:
+        target = tmp_path / "ct.dcm"
+        target.write_bytes(b"old content that is longer than nothing" * 1000)
+        self._write_copy(pydicom_test_files / "CT_small.dcm", target)
+        assert (
+            read_part10(target).sop_instance_uid
+            == _pydicom_read(pydicom_test_files / "CT_small.dcm").SOPInstanceUID
+        )
+
+    def test_failed_write_leaves_neither_target_nor_temporary(self, tmp_path: Path) -> None:
+        target = tmp_path / "out.dcm"
+        with pytest.raises(TypeError):
+            write_part10(
+                target,
+                None,  # type: ignore[arg-type]
+                sop_class_uid="1.2.3",
+                sop_instance_uid="1.2.3.4",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+            )
+        assert list(tmp_path.iterdir()) == []
+
+    def test_fsync_write_is_readable(self, pydicom_test_files: Path, tmp_path: Path) -> None:
+        source = pydicom_test_files / "CT_small.dcm"
+        part_ten = read_part10(source)
+        written = write_part10(
+            tmp_path / "synced.dcm",
+            source.read_bytes()[part_ten.dataset_offset :],
+            sop_class_uid=part_ten.sop_class_uid,
+            sop_instance_uid=part_ten.sop_instance_uid,
+            transfer_syntax_uid=part_ten.transfer_syntax_uid,
+            fsync=True,
+        )
+        assert read_part10(written).sop_instance_uid == part_ten.sop_instance_uid
