@@ -7,10 +7,11 @@ the YAML kept in a repository. Every error names the file and the dotted key tha
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
-from email.utils import parseaddr
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -119,6 +120,11 @@ class BusSettings(_Section):
     prefetch: int = Field(default=16, ge=1)
     # A message whose handler fails this many times goes to the dead letters.
     delivery_limit: int = Field(default=5, ge=1)
+    # A handler still running after this long is cancelled and its event retried; it must stay
+    # well under RabbitMQ's consumer timeout (30 min), so long work is driven from the state store.
+    handler_timeout: float = Field(default=600.0, gt=0, le=1500)
+    # How long a publish may wait for the broker (through a restart) before it fails.
+    publish_timeout: float = Field(default=60.0, gt=0)
 
 
 class StateSettings(_Section):
@@ -172,34 +178,161 @@ class WatcherSettings(_Section):
 
 
 class UploaderSettings(_Section):
-    # Names of entries in ``nodes``.
+    """How the uploader sends: concurrency, retries, back-pressure."""
+
+    # Names of entries in ``nodes``; file-ready events that name none go to these.
     destinations: list[str] = ["router"]
-    associations: int = Field(default=0, ge=0)  # 0: sized to the machine
+    # Associations per destination, each kept open from batch to batch; 0: sized to the
+    # machine (two per core, 2 to 8). A PACS that takes fewer is detected and respected.
+    associations: int = Field(default=0, ge=0, le=64)
+    # Sender processes shared by every destination's associations; None: one per core (at
+    # most one per association); 0: threads of the service's own process.
+    processes: int | None = Field(default=None, ge=0, le=64)
+    # lean: pacsflow's own C-STORE path (fast); pynetdicom: the shared pynetdicom sender.
+    engine: Literal["lean", "pynetdicom"] = "lean"
+    # Files per task handed to one association (the in-flight window per association).
+    chunk_size: int = Field(default=32, ge=1, le=1000)
+    # Attempts per file and destination that got an answer (failure status, no response);
+    # then the delivery fails and file-failed is emitted. An unreachable destination uses no
+    # attempts: its files wait (see retry_*).
     max_attempts: int = Field(default=5, ge=1)
+    # Wait before the next attempt (and before calling a failing destination again), doubling
+    # per failure up to retry_max_seconds.
+    retry_initial_seconds: float = Field(default=5.0, gt=0)
+    retry_max_seconds: float = Field(default=300.0, gt=0)
+    # Pause taking new work while the 1-minute load average per core is above this.
     max_load_per_core: float = Field(default=4.0, gt=0)
+    # Associations idle this long are released (a PACS may drop idle ones itself).
+    idle_release_seconds: float = Field(default=20.0, gt=0)
+    # A delivery claimed by an uploader that stopped renewing its claim this long ago is
+    # taken over (another host's crash); claims of this host's dead processes at once.
+    claim_timeout_seconds: float = Field(default=600.0, gt=0)
+    # Before sending again a file whose earlier send got no answer (a crash, a lost
+    # association), ask the destination with C-FIND (IMAGE level) whether it has it.
+    verify_in_doubt: bool = False
+
+    @model_validator(mode="after")
+    def _check_retry(self) -> UploaderSettings:
+        if self.retry_max_seconds < self.retry_initial_seconds:
+            raise ValueError("retry_max_seconds is shorter than retry_initial_seconds")
+        return self
+
+
+def _address_list(value: Any) -> Any:
+    # The seed's route files kept e-mails as one string: "a@b.org, c@d.org" or "a@b.org; c@d.org".
+    if isinstance(value, str):
+        return [part.strip() for part in re.split(r"[,;]", value) if part.strip()]
+    return value
 
 
 class Route(_Section):
+    """Where the images sent to one called AE title go, and who hears about them.
+
+    Besides the mapping below, a route may be written as just its path (``MRI: /data/mri``)
+    or as ``[path, emails]``, and ``email``/``mail`` are read as ``emails`` (a list or one
+    comma-separated string): the shapes of older route files.
+    """
+
     path: Path
     emails: list[str] = []
+    # Node names (``nodes``): every received file is announced to the uploader for them.
     forward: list[str] = []
+    # When set, only these calling AE titles / addresses (IPs or CIDR networks) may send.
     allowed_calling_aes: list[str] = []
     allowed_addresses: list[str] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_shapes(cls, value: Any) -> Any:
+        if isinstance(value, (str, os.PathLike)):
+            value = {"path": value}
+        elif isinstance(value, (list, tuple)):
+            if not 1 <= len(value) <= 2:
+                raise ValueError("a route written as a list is [path] or [path, emails]")
+            value = {"path": value[0], **({"emails": value[1]} if len(value) == 2 else {})}
+        if isinstance(value, dict):
+            value = dict(value)
+            for alias in ("email", "mail", "mails"):
+                if alias in value:
+                    if "emails" in value:
+                        raise ValueError(f"both emails and {alias} are given: use emails")
+                    value["emails"] = value.pop(alias)
+            if "emails" in value:
+                value["emails"] = _address_list(value["emails"])
+        return value
+
+    @field_validator("allowed_addresses")
+    @classmethod
+    def _check_networks(cls, values: list[str]) -> list[str]:
+        for address in values:
+            try:
+                ipaddress.ip_network(address, strict=False)
+            except ValueError as err:
+                raise ValueError(f"{address!r} is not an IP address or network") from err
+        return values
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _check_titles(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(value) for value in values]
 
 
 class RouterSettings(_Section):
     ae_title: AETitle = "PACSFLOW"
     host: str = "0.0.0.0"
     port: int = Field(default=11112, ge=0, le=65535)
+    # A YAML or JSON file of routes (called AE title -> route); when set, it replaces
+    # ``routes`` and is reloaded on SIGHUP and whenever it changes.
     routes_file: Path | None = None
-    routes: dict[str, Route] = {"PACSFLOW": Route(path=Path("data/storage"))}
+    routes: dict[AETitle, Route] = {"PACSFLOW": Route(path=Path("data/storage"))}
+    # Checked for every route, before the route's own lists.
+    allowed_calling_aes: list[AETitle] = []
+    allowed_addresses: list[str] = []
+    # A study is complete after this long without a new instance.
     study_quiet_seconds: float = Field(default=60.0, ge=0)
     max_associations: int = Field(default=32, ge=1)
+    # Receiving processes; more than 1 starts that many worker processes sharing the port.
+    # 0: one per CPU core.
+    processes: int = Field(default=1, ge=0, le=64)
+    # The largest PDU accepted (announced to senders); a larger one aborts the association.
+    max_pdu: int = Field(default=262144, ge=4096, le=1 << 26)
+    # Limits for slow or idle senders: the association request, the wait for the next PDU,
+    # and one PDU once it has begun.
+    request_timeout_seconds: float = Field(default=10.0, gt=0)
+    idle_timeout_seconds: float = Field(default=60.0, gt=0)
+    pdu_timeout_seconds: float = Field(default=30.0, gt=0)
+    # A larger data set is refused (0xA700) instead of held in memory.
+    max_instance_bytes: int = Field(default=2 << 30, ge=1 << 20)
+    # fsync every file (and its folder) before answering: survives a power cut, costs time.
+    fsync: bool = False
+    # Study updates go to the state store in batches this often (and at shutdown).
+    flush_seconds: float = Field(default=0.5, gt=0)
+    # How often quiet studies are looked for.
+    sweep_seconds: float = Field(default=2.0, gt=0)
+    # A completion claimed but not confirmed published after this long is published again
+    # (same event id) by any router process: the claimer crashed.
+    claim_timeout_seconds: float = Field(default=60.0, gt=0)
+    # How often the routes file's modification time is checked.
+    routes_poll_seconds: float = Field(default=2.0, gt=0)
+    # Files per file-ready event of forward routes.
+    forward_batch_size: int = Field(default=200, ge=1)
+    # Completed studies are forgotten after this long (their files stay).
+    retention_days: float = Field(default=30.0, gt=0)
+    # Abstract syntaxes accepted besides the standard storage SOP classes (private ones).
+    extra_sop_classes: list[str] = []
+
+    @field_validator("allowed_addresses")
+    @classmethod
+    def _check_networks(cls, values: list[str]) -> list[str]:
+        return Route._check_networks(values)
 
 
 #: the kinds of message the notifier sends; ``recipients``, ``templates`` and webhooks use them
 NotificationKind = Literal["study-complete", "patient-complete", "file-failed", "dead-letters"]
 NOTIFICATION_KINDS: tuple[str, ...] = get_args(NotificationKind)
+
+# local@domain without spaces or the characters that separate or quote addresses
+_MAILBOX = re.compile(r'^[^@\s<>()\[\],;:\\"]+@[^@\s<>()\[\],;:\\"]+$')
 
 
 def check_email_address(value: str) -> str:
@@ -208,9 +341,9 @@ def check_email_address(value: str) -> str:
     value = value.strip()
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
         raise ValueError(f"e-mail address {value!r} contains a control character")
-    _, address = parseaddr(value)
-    if not address or "@" not in address or address.startswith("@") or address.endswith("@"):
-        raise ValueError(f"{value!r} is not an e-mail address")
+    found = getaddresses([value])
+    if len(found) != 1 or not _MAILBOX.match(found[0][1]):
+        raise ValueError(f"{value!r} is not one e-mail address")
     return value
 
 
@@ -313,21 +446,237 @@ class NotifierSettings(_Section):
         return self
 
 
+_DICOM_DATE_RANGE = re.compile(r"^(\d{8})?-?(\d{8})?$")
+_CLOCK_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)\s*-\s*([01]\d|2[0-3]|24):([0-5]\d)$")
+
+
+def _check_date_range(value: str) -> str:
+    # DICOM range matching (PS3.4 C.2.2.2.5): a date, "from-", "-to" or "from-to".
+    value = value.strip()
+    match = _DICOM_DATE_RANGE.match(value)
+    if not value or value == "-" or not match or (match[1] and match[2] and "-" not in value):
+        raise ValueError(f"{value!r} is not a date range: YYYYMMDD, YYYYMMDD-, -YYYYMMDD or "
+                         "YYYYMMDD-YYYYMMDD")
+    if match[1] and match[2] and match[1] > match[2]:
+        raise ValueError(f"date range {value!r} ends before it starts")
+    return value
+
+
+def _check_clock_window(value: str) -> str:
+    match = _CLOCK_WINDOW.match(value.strip())
+    if not match or (match[3] == "24" and match[4] != "00"):
+        raise ValueError(f"{value!r} is not a daily window HH:MM-HH:MM (e.g. 02:55-03:10)")
+    if (match[1], match[2]) == (match[3], match[4]):
+        raise ValueError(f"window {value!r} starts and ends at the same time")
+    return value.strip()
+
+
+DateRange = Annotated[str, AfterValidator(_check_date_range)]
+ClockWindow = Annotated[str, AfterValidator(_check_clock_window)]
+
+
+class HarvestCriteria(_Section):
+    """Which patients, studies and series the harvester pulls.
+
+    Patients come from ``patient_ids`` / ``patient_ids_file`` when given (no patient query),
+    otherwise from a C-FIND (``discovery``). Every other criterion filters what is found; the
+    PACS is asked to narrow the answers where DICOM matching allows it, and every answer is
+    checked again here.
+    """
+
+    # An explicit cohort: these PatientIDs, and those in the file (one per line, # comments).
+    patient_ids: list[str] = []
+    patient_ids_file: Path | None = None
+    # Only PatientIDs this regular expression matches entirely.
+    patient_id_pattern: str | None = None
+    # How patients are found without an explicit cohort: a PATIENT-level C-FIND (Patient
+    # Root), or STUDY-level C-FINDs by study date (for a PACS without patient queries).
+    discovery: Literal["patient", "study"] = "patient"
+    # The PatientID sent in discovery queries (DICOM wildcards * and ?).
+    patient_query: str = "*"
+    # Study dates: DICOM ranges, any of them matching (YYYYMMDD, YYYYMMDD-, -YYYYMMDD, A-B).
+    study_dates: list[DateRange] = []
+    # Modalities of the series to pull (a study is pulled when it has any of them).
+    modalities: list[str] = []
+    # "module:function" called as function(level, attributes) -> bool for each PATIENT,
+    # STUDY and SERIES found; False leaves it out.
+    plugin: str | None = None
+    # Without any criterion every patient of the PACS would be pulled: say so explicitly.
+    select_all: bool = False
+
+    @field_validator("patient_id_pattern")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"not a regular expression: {err}") from err
+        return pattern
+
+    @field_validator("plugin")
+    @classmethod
+    def _plugin_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[\w.]+:[\w]+$", value):
+            raise ValueError(f"{value!r} is not module:function")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _upper(cls, values: list[str]) -> list[str]:
+        return [value.strip().upper() for value in values if value.strip()]
+
+    @property
+    def explicit_cohort(self) -> bool:
+        """True when the patients are listed rather than found by a query."""
+        return bool(self.patient_ids or self.patient_ids_file)
+
+    @property
+    def selects_something(self) -> bool:
+        """True unless no criterion at all narrows the harvest."""
+        return bool(
+            self.explicit_cohort or self.patient_id_pattern or self.study_dates
+            or self.modalities or self.plugin or self.patient_query not in ("*", "")
+        )  # fmt: skip
+
+
 class HarvesterSettings(_Section):
+    """The harvester: which PACS, what to pull, how (C-MOVE or C-GET), how fast and when."""
+
+    # Node name (``nodes``) of the PACS to harvest; unset: the harvester waits idle.
     source: str | None = None
+    # move: C-MOVE to destination_ae (the PACS must know that AE); get: C-GET, the
+    # harvester receives and files the instances itself (no separate SCP needed).
+    method: Literal["move", "get"] = "move"
+    # C-MOVE destination; default: the router's AE title (router.ae_title).
     destination_ae: AETitle | None = None
-    requests_per_minute: int = Field(default=700, ge=1)
-    workers: int = Field(default=2, ge=1)
+    # Where instances land, in the router's layout
+    # (<PatientID>/<StudyDate>_<StudyTime>/<SeriesUID>/<SOPUID>.dcm); it is how arrivals are
+    # checked. Default: the path of the router route named by destination_ae (C-GET: by
+    # router.ae_title).
+    storage_path: Path | None = None
+    # Query/Retrieve information model for studies, series and images.
+    query_model: Literal["study", "patient"] = "study"
+    criteria: HarvestCriteria = HarvestCriteria()
+    # DIMSE requests (C-FIND, C-MOVE, C-GET) per minute, shared by every worker and every
+    # harvester process using the same state store.
+    requests_per_minute: int = Field(default=700, ge=1, le=60000)
+    # How much later than planned a request may reach the PACS (thread and association
+    # start-up); the pacing leaves this much room so the PACS never counts more than
+    # requests_per_minute in any minute.
+    rate_margin_seconds: float = Field(default=1.0, ge=0, le=30)
+    # Series retrieved at once by this process.
+    workers: int = Field(default=2, ge=1, le=32)
+    # A series (or a query) failing this many times is marked failed and reported.
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    # Wait before the next attempt, doubling per failure up to retry_max_seconds; the same
+    # backoff pauses every request while the PACS cannot be reached at all (that uses no
+    # attempts: it is not the series' fault).
+    retry_initial_seconds: float = Field(default=30.0, gt=0)
+    retry_max_seconds: float = Field(default=1800.0, gt=0)
+    # After a retrieve, missing instances are requested again (IMAGE level, only those)
+    # up to this many times before the attempt counts as failed.
+    refetch_rounds: int = Field(default=2, ge=0, le=20)
+    # SOP Instance UIDs per IMAGE-level re-fetch request.
+    refetch_batch: int = Field(default=200, ge=1, le=5000)
+    # A claimed series (or query) whose harvester stops renewing its claim this long is
+    # taken over by another; a crashed harvester's claims on this host return at its restart.
+    lease_seconds: float = Field(default=120.0, ge=5)
+    # Daily windows (local time of ``timezone``) in which no new request starts, e.g. the
+    # known reset of a link: ["02:55-03:10"]. A window may cross midnight.
+    pause_windows: list[ClockWindow] = []
+    # When set, requests start only inside these daily windows (e.g. ["20:00-06:00"]).
+    work_windows: list[ClockWindow] = []
+    # IANA zone of the windows; default: the machine's.
+    timezone: str | None = None
+    # Each complete patient becomes <archive_folder>/<PatientID>.zip (rebuilt when a series
+    # is added later); false: no archives, patient-complete is still emitted.
+    archive: bool = True
     archive_folder: Path = Path("data/harvest")
+    archive_compression: Literal["stored", "deflated"] = "stored"
+    # Query the PACS again for new studies and series this often; unset: once.
+    rescan_hours: float | None = Field(default=None, gt=0)
+    # How often idle workers look for work that other processes queued.
+    poll_seconds: float = Field(default=5.0, gt=0)
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError) as err:
+                raise ValueError(f"unknown time zone {value!r}") from err
+        return value
+
+    @model_validator(mode="after")
+    def _check_retry(self) -> HarvesterSettings:
+        if self.retry_max_seconds < self.retry_initial_seconds:
+            raise ValueError("retry_max_seconds is shorter than retry_initial_seconds")
+        if self.source and not (self.criteria.selects_something or self.criteria.select_all):
+            raise ValueError(
+                "criteria select every patient of the PACS: set criteria, or "
+                "criteria.select_all: true if that is meant"
+            )
+        return self
 
 
 class SyncSettings(_Section):
+    """What the sync service compares, how it chooses series, and how it retries."""
+
+    # Node names (or AET@HOST:PORT): the PACS studies are copied from and the one kept up to
+    # date. The remote must know the local PACS's AE title as a C-MOVE destination.
     remote: str | None = None
     local: str | None = None
+    # The AE title the remote C-MOVEs to; default: the local node's AE title.
+    destination_ae: AETitle | None = None
+    # A cycle starts this long after the previous one started (at once if that took longer).
     interval_seconds: float = Field(default=60.0, gt=0)
-    window_hours: float = Field(default=12.0, gt=0)
+    # StudyDate range of the C-FIND: today and the days before it (2: yesterday and today).
+    date_range_days: int = Field(default=2, ge=1, le=366)
+    # Only studies whose StudyDate + StudyTime lie within this many hours before now;
+    # None: every study of the date range.
+    window_hours: float | None = Field(default=12.0, gt=0)
+    # A study without StudyTime is in the window when any part of its day is: include; or
+    # never: exclude.
+    untimed_studies: Literal["include", "exclude"] = "include"
+    # The time zone of the PACS's StudyDate/StudyTime (IANA name); default: the machine's.
+    timezone: str | None = None
+    # smallest: per study, the series with the fewest images; max-images: every series with
+    # fewer than max_images images; all: every series.
     selection: Literal["smallest", "max-images", "all"] = "smallest"
     max_images: int | None = Field(default=None, ge=1)
+    # Also copy studies the local PACS has with fewer instances than the remote (the chosen
+    # series it lacks, or has fewer instances of).
+    include_incomplete: bool = False
+    # C-MOVEs this process runs at once.
+    movers: int = Field(default=2, ge=1, le=16)
+    # A failed series is requested again after retry_initial_seconds, doubling per failure
+    # up to retry_max_seconds (while a cycle still finds it missing).
+    retry_initial_seconds: float = Field(default=60.0, gt=0)
+    retry_max_seconds: float = Field(default=3600.0, gt=0)
+    # A move whose mover stopped renewing its claim this long ago (a crash) is requested
+    # again; the local PACS is asked first whether the series arrived after all.
+    claim_timeout_seconds: float = Field(default=300.0, gt=0)
+    # How long a cycle waits for the moves it requested before it reports (they go on).
+    cycle_timeout_seconds: float = Field(default=3600.0, gt=0)
+    # How often movers look for requested series that no event announced to this process.
+    poll_seconds: float = Field(default=5.0, gt=0)
+    # Print each cycle's statistics table on standard output, besides the log line.
+    print_statistics: bool = True
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str | None) -> str | None:
+        return NotifierSettings._check_timezone(value)
+
+    @model_validator(mode="after")
+    def _check_selection(self) -> SyncSettings:
+        if self.selection == "max-images" and self.max_images is None:
+            raise ValueError("selection max-images needs max_images")
+        if self.retry_max_seconds < self.retry_initial_seconds:
+            raise ValueError("retry_max_seconds is shorter than retry_initial_seconds")
+        return self
 
 
 def _default_instance() -> str:

@@ -57,7 +57,8 @@ class HealthServer:
     async def readiness(self) -> dict[str, bool]:
         """Run every readiness check; a check that raises or times out counts as not ready."""
         results: dict[str, bool] = {}
-        for name, check in self.checks.items():
+        # A copy: a service may add a check while /readyz is being answered.
+        for name, check in list(self.checks.items()):
             try:
                 results[name] = bool(await asyncio.wait_for(check(), self.check_timeout))
             except Exception as err:  # noqa: BLE001 - any failure means "not ready"

@@ -1,0 +1,1 @@
+"""Schema migrations of the notifier (the outbox and the incidents it reports)."""
