@@ -1,24 +1,21 @@
-"""The router-scp service: a C-STORE SCP that routes by called AE title and detects complete studies.
+"""The router-scp service: a C-STORE SCP that files instances by route and reports complete studies.
 
-The service is wired but does not handle events yet: it declares the durable queues it will
-consume so that events published meanwhile are kept, then idles until it is stopped.
+Wiring only; :class:`~pacsflow_router.router.Router` does the work.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
 from pacsflow.runtime import ServiceContext
 
-CONSUMES: tuple[str, ...] = ()
+from pacsflow_router.router import Router
 
-log = logging.getLogger(__name__)
+__all__ = ["CONSUMES", "run"]
+
+#: the router consumes no events; it produces study-complete and file-ready
+CONSUMES: tuple[str, ...] = ()
 
 
 async def run(ctx: ServiceContext) -> None:
-    """Run until cancelled."""
-    if CONSUMES:
-        await ctx.bus.declare(ctx.name, CONSUMES)
-    log.warning("the router-scp service has no event handling yet; its events are kept in its queues")
-    await asyncio.Event().wait()
+    """Receive and report until cancelled."""
+    router = Router(ctx.settings, db=ctx.db, bus=ctx.bus, registry=ctx.registry, source=ctx.source)
+    await router.run()

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure pacsflow against DCMTK on this machine (not tests)."""
