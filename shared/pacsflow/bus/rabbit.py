@@ -652,8 +652,13 @@ class RabbitBus:
 
     async def _watch(self) -> None:
         """Every watchdog_interval: does each subscription have its consumers on the broker?"""
-        while True:
-            await asyncio.sleep(self._options.watchdog_interval)
+        # The loop ends on ``_closing`` as well as on cancellation: a cancel that lands inside a
+        # broker call can come back as a channel error, which the check below swallows.
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._options.watchdog_interval)
+            if self._closing:
+                return
             if not self._connected():
                 continue  # the reconnect callback restores the subscriptions
             for sub in list(self._subscriptions):
