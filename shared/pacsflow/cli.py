@@ -242,6 +242,28 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return EXIT_OK if failures == 0 else EXIT_FAILED
 
 
+def cmd_send(args: argparse.Namespace) -> int:
+    from pacsflow.dicom import NetworkOptions
+    from pacsflow_uploader.send import run_send
+    from pacsflow_uploader.uploader import default_associations
+
+    settings = _settings(args)
+    destinations = [(spec, settings.node(spec)) for spec in dict.fromkeys(args.to)]
+    associations = args.associations or settings.uploader.associations or default_associations()
+    processes = args.processes if args.processes is not None else settings.uploader.processes
+    if processes is None:
+        # One association needs no process of its own; more spread over the cores.
+        processes = 0 if associations == 1 else min(os.cpu_count() or 1, associations)
+    return run_send(
+        args.paths,
+        destinations,
+        NetworkOptions.from_settings(settings.dicom),
+        associations=associations,
+        processes=processes,
+        engine=args.engine or settings.uploader.engine,
+    )
+
+
 def _parse_since(text: str | None) -> float | None:
     """``--since``: an ISO date/time, or an age such as 30m, 12h, 7d."""
     if text is None:
@@ -300,6 +322,129 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return asyncio.run(_ledger(args))
 
 
+def _add_sync_options(sync: argparse.ArgumentParser) -> None:
+    """The ``sync`` command's own options; each overrides its key of the ``sync`` section."""
+    sync.add_argument("--once", action="store_true",
+                      help="run one cycle, wait for its moves, print the statistics and exit "
+                           "(0: every series moved, 1: a failure)")
+    sync.add_argument("--remote", metavar="NODE|AET@HOST:PORT", help="the PACS to copy from")
+    sync.add_argument("--local", metavar="NODE|AET@HOST:PORT", help="the PACS to keep up to date")
+    sync.add_argument("--selection", choices=["smallest", "max-images", "all"],
+                      help="series per missing study: the smallest, those with fewer than "
+                           "--max-images images, or all")
+    sync.add_argument("--max-images", type=int, metavar="N",
+                      help="series with fewer than N images (implies --selection max-images)")
+    sync.add_argument("--min-images", type=int, metavar="N", dest="min_images",
+                      help="the original tool's name for --max-images N")
+    sync.add_argument("--all-series", action="store_true",
+                      help="the original tool's name for --selection all")
+    sync.add_argument("--interval", type=float, metavar="SECONDS", help="time between cycles")
+    sync.add_argument("--window-hours", type=float, metavar="HOURS",
+                      help="only studies made this many hours ago or later")
+    sync.add_argument("--days", type=int, metavar="N",
+                      help="C-FIND study dates of today and the N-1 days before")
+    sync.add_argument("--include-incomplete", action="store_true", default=None,
+                      help="also studies the local PACS has with fewer instances")
+    sync.set_defaults(func=cmd_sync)
+
+
+def _sync_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``sync`` settings the command-line options set; ConfigError when they conflict."""
+    limits = {value for value in (args.max_images, args.min_images) if value is not None}
+    if len(limits) > 1:
+        raise ConfigError("--max-images and --min-images give different limits: use one")
+    selection = args.selection
+    if args.all_series:
+        if selection not in (None, "all") or limits:
+            raise ConfigError("--all-series conflicts with --selection/--max-images/--min-images")
+        selection = "all"
+    if limits:
+        if selection not in (None, "max-images"):
+            raise ConfigError(f"--max-images/--min-images need --selection max-images, "
+                              f"not {selection}")
+        selection = "max-images"
+    values: dict[str, Any] = {
+        "remote": args.remote,
+        "local": args.local,
+        "selection": selection,
+        "max_images": limits.pop() if limits else None,
+        "interval_seconds": args.interval,
+        "window_hours": args.window_hours,
+        "date_range_days": args.days,
+        "include_incomplete": args.include_incomplete,
+    }
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from pacsflow.config import SyncSettings
+    from pacsflow.logs import configure_logging
+    from pacsflow.runtime import run_services
+
+    settings = _settings(args)
+    overrides = _sync_overrides(args)
+    if overrides:
+        try:
+            sync = SyncSettings.model_validate({**settings.sync.model_dump(), **overrides})
+        except ValidationError as err:
+            problems = "; ".join(
+                f"sync.{'.'.join(map(str, problem['loc'])) or '(section)'}: {problem['msg']}"
+                for problem in err.errors()
+            )
+            raise ConfigError(f"command-line options: {problems}") from err
+        settings = settings.model_copy(update={"sync": sync})
+    for name in (settings.sync.remote, settings.sync.local):
+        if name is not None:
+            settings.node(name)  # a ConfigError now rather than once the service runs
+    configure_logging(settings.logging)
+    if args.once:
+        from pacsflow_sync.once import run_once
+
+        report = asyncio.run(run_once(settings))
+        return EXIT_OK if report.ok else EXIT_FAILED
+    return asyncio.run(run_services(settings, ["sync"]))
+
+
+async def _harvest(args: argparse.Namespace) -> int:
+    from pacsflow_harvester.report import collect_status, render_status, show_failures
+    from pacsflow_harvester.state import HarvestState
+
+    from pacsflow.errors import StoreError
+
+    settings = _settings(args)
+    async with _database(settings) as db:
+        try:
+            if args.harvest_command == "status":
+                report = await collect_status(db, settings)
+                if args.json:
+                    print(json.dumps(report, indent=2, default=str))
+                else:
+                    render_status(report, sys.stdout)
+                return EXIT_OK
+            if args.harvest_command == "failed":
+                found = await show_failures(db, sys.stdout, as_json=args.json)
+                return EXIT_OK if not found else EXIT_FAILED
+            if args.harvest_command == "retry":
+                count = await HarvestState(db).retry_failed(args.keys)
+                print(f"{count} failed item(s) queued again")
+                return EXIT_OK
+            await HarvestState(db).request_rescan()
+            print("the PACS will be queried again for patients, studies and series")
+            return EXIT_OK
+        except StoreError as err:
+            if "harvest_" in str(err):
+                print("pacsflow: no harvest state yet: run `pacsflow db upgrade` or start the "
+                      "harvester", file=sys.stderr)
+                return EXIT_FAILED
+            raise
+
+
+def cmd_harvest(args: argparse.Namespace) -> int:
+    return asyncio.run(_harvest(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pacsflow`` command."""
     parser = argparse.ArgumentParser(
@@ -313,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(service, help=f"run the {service} service")
         _add_config_option(sub)
         sub.set_defaults(func=cmd_service, service=service)
+        if service == "sync":
+            _add_sync_options(sub)
 
     run = commands.add_parser("run", help="run several services in one process (default: all)")
     _add_config_option(run)
@@ -344,6 +491,21 @@ def build_parser() -> argparse.ArgumentParser:
     echo_cmd.add_argument("--count", type=int, default=1, help="how many echoes (default 1)")
     echo_cmd.set_defaults(func=cmd_echo)
 
+    send = commands.add_parser(
+        "send", help="C-STORE files and folders to nodes now, with progress and a summary"
+    )
+    _add_config_option(send)
+    send.add_argument("paths", nargs="+", metavar="PATH", help="files, or folders (recursively)")
+    send.add_argument("--to", action="append", required=True, metavar="AET@HOST:PORT|NODE",
+                      help="where to send (repeat for several destinations)")
+    send.add_argument("--associations", type=int, metavar="N",
+                      help="associations per destination (default: uploader.associations)")
+    send.add_argument("--processes", type=int, metavar="N",
+                      help="sender processes (default: one per core, 0: this process)")
+    send.add_argument("--engine", choices=["lean", "pynetdicom"],
+                      help="C-STORE implementation (default: uploader.engine)")
+    send.set_defaults(func=cmd_send)
+
     from pacsflow.store.ledger import FILE_STATUSES
 
     ledger = commands.add_parser("ledger", help="the files pacsflow has seen, by status")
@@ -355,6 +517,23 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_argument("--csv", action="store_true", help="CSV (export always is)")
     ledger.add_argument("--json", action="store_true", help="machine-readable output")
     ledger.set_defaults(func=cmd_ledger)
+
+    harvest = commands.add_parser("harvest", help="the harvester's progress, failures and rescans")
+    _add_config_option(harvest)
+    harvest_commands = harvest.add_subparsers(dest="harvest_command", required=True)
+    harvest_status = harvest_commands.add_parser(
+        "status", help="patients, studies and series by state, with a progress bar"
+    )
+    harvest_status.add_argument("--json", action="store_true", help="machine-readable output")
+    harvest_failed = harvest_commands.add_parser("failed", help="what failed for good, and why")
+    harvest_failed.add_argument("--json", action="store_true", help="machine-readable output")
+    harvest_retry = harvest_commands.add_parser("retry", help="queue failed items again")
+    harvest_retry.add_argument("keys", nargs="*", metavar="KEY",
+                               help="only these (PatientID, Study or Series UID); default: all")
+    harvest_commands.add_parser("rescan", help="query the PACS again for new studies and series")
+    for sub in harvest_commands.choices.values():
+        _add_config_option(sub)
+    harvest.set_defaults(func=cmd_harvest)
 
     dead = commands.add_parser("dead-letters", help="inspect, replay or purge dead letters")
     _add_config_option(dead)

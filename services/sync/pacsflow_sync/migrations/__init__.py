@@ -1,0 +1,1 @@
+"""Schema migrations of the sync service: its cycles (runs) and series transfers."""
