@@ -125,6 +125,17 @@ class BusSettings(_Section):
     handler_timeout: float = Field(default=600.0, gt=0, le=1500)
     # How long a publish may wait for the broker (through a restart) before it fails.
     publish_timeout: float = Field(default=60.0, gt=0)
+    # Services whose queues every process declares at start, so events published before a
+    # service first runs are kept for it. Leave out a service this installation never runs.
+    declare_services: list[str] = list(SERVICES)
+
+    @field_validator("declare_services")
+    @classmethod
+    def _known_services(cls, names: list[str]) -> list[str]:
+        unknown = [name for name in names if name not in SERVICES]
+        if unknown:
+            raise ValueError(f"unknown service(s) {unknown}; known: {', '.join(SERVICES)}")
+        return names
 
 
 class StateSettings(_Section):

@@ -26,6 +26,7 @@ from pacsflow.http import HealthServer
 from pacsflow.logs import log_context
 from pacsflow.store import Database, open_database
 from pacsflow.store.migrate import upgrade
+from pacsflow.topology import declare_queues
 
 __all__ = ["ServiceContext", "run_services", "service_entrypoint", "SERVICE_MODULES"]
 
@@ -115,6 +116,7 @@ async def run_services(
         bus = create_bus(settings, registry)
         await bus.start()
         stack.push_async_callback(bus.close)
+        await declare_queues(bus, settings.bus.declare_services)
 
         health = HealthServer(registry, settings.http.host, settings.http.port)
         health.add_check("bus", bus.ready)

@@ -36,6 +36,7 @@ from pacsflow.config import WatcherSettings
 from pacsflow.errors import InvalidDicom
 from pacsflow.events import FileReady, FileReadyPayload, ReadyFile, Source
 from pacsflow.store.ledger import Ledger, LedgerFile, SeenFile
+from pacsflow.topology import CONSUMES
 from pacsflow_watcher.folders import (
     FolderWatcher,
     QuietTracker,
@@ -154,7 +155,7 @@ class Watcher:
         loop.add_reader(self.folders.fileno(), self._on_inotify)
         try:
             self.rescan()
-            await self.bus.subscribe("watcher", ["file-sent"], self._on_file_sent)
+            await self.bus.subscribe("watcher", CONSUMES["watcher"], self._on_file_sent)
             archiver = asyncio.create_task(self._archive_periodically())
             try:
                 while True:
