@@ -156,6 +156,7 @@ async def _schedule(parts: SyncParts, settings: Settings) -> None:
 async def run(ctx: ServiceContext) -> None:
     """Run cycles and movers until cancelled."""
     if not configured(ctx.settings):
+        SyncMetrics(ctx.registry)  # exported (at zero) so dashboards and alerts find them
         await ctx.bus.declare(ctx.name, CONSUMES)
         log.warning(
             "sync is not configured (sync.remote and sync.local): its events are kept in its "
