@@ -568,6 +568,9 @@ class HarvesterSettings(_Section):
     storage_path: Path | None = None
     # Query/Retrieve information model for studies, series and images.
     query_model: Literal["study", "patient"] = "study"
+    # lean: the harvester's own C-FIND/C-MOVE (little CPU per response, which matters with
+    # one response per image); pynetdicom: the shared DICOM module. C-GET always uses the latter.
+    engine: Literal["lean", "pynetdicom"] = "lean"
     criteria: HarvestCriteria = HarvestCriteria()
     # DIMSE requests (C-FIND, C-MOVE, C-GET) per minute, shared by every worker and every
     # harvester process using the same state store.
@@ -590,6 +593,9 @@ class HarvesterSettings(_Section):
     refetch_rounds: int = Field(default=2, ge=0, le=20)
     # SOP Instance UIDs per IMAGE-level re-fetch request.
     refetch_batch: int = Field(default=200, ge=1, le=5000)
+    # The IMAGE-level C-FIND that checks a retrieve runs during the retrieve, on a second
+    # association; false for a PACS that allows one association per AE (with workers: 1).
+    list_while_retrieving: bool = True
     # A claimed series (or query) whose harvester stops renewing its claim this long is
     # taken over by another; a crashed harvester's claims on this host return at its restart.
     lease_seconds: float = Field(default=120.0, ge=5)

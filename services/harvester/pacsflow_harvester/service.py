@@ -1,7 +1,8 @@
 """The harvester service: bulk retrieval from a PACS, rate-limited and resumable.
 
-The service is wired but does not handle events yet: it declares the durable queues it will
-consume so that events published meanwhile are kept, then idles until it is stopped.
+Wiring only; :class:`~pacsflow_harvester.harvester.Harvester` does the work. The harvester
+consumes no events: its work queue is the state store. It publishes ``moved`` (one per series
+outcome) and ``patient-complete`` (one per patient archive built).
 """
 
 from __future__ import annotations
@@ -11,14 +12,26 @@ import logging
 
 from pacsflow.runtime import ServiceContext
 
-CONSUMES: tuple[str, ...] = ("moved",)
+from pacsflow_harvester.harvester import Harvester
+from pacsflow_harvester.metrics import HarvesterMetrics
+
+__all__ = ["CONSUMES", "run"]
+
+#: the harvester consumes no events; it is driven from the state store
+CONSUMES: tuple[str, ...] = ()
 
 log = logging.getLogger(__name__)
 
 
 async def run(ctx: ServiceContext) -> None:
-    """Run until cancelled."""
-    if CONSUMES:
-        await ctx.bus.declare(ctx.name, CONSUMES)
-    log.warning("the harvester service has no event handling yet; its events are kept in its queues")
-    await asyncio.Event().wait()
+    """Harvest until cancelled; without ``harvester.source`` wait idle."""
+    if ctx.settings.harvester.source is None:
+        # The metrics still exist (at zero), so dashboards and alerts find them.
+        HarvesterMetrics(ctx.registry)
+        log.warning("harvester.source is not set: the harvester has nothing to do and waits")
+        await asyncio.Event().wait()
+        return
+    harvester = Harvester(
+        ctx.settings, db=ctx.db, bus=ctx.bus, registry=ctx.registry, source=ctx.source
+    )
+    await harvester.run()

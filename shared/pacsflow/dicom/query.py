@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
@@ -50,6 +50,9 @@ from pacsflow.dicom.scp import StoreCallback, store_handler
 from pacsflow.dicom.scu import MAX_PRESENTATION_CONTEXTS
 from pacsflow.dicom.status import StatusCategory, category, describe
 from pacsflow.errors import DicomError, DimseFailure
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
 
 __all__ = ["GET_TRANSFER_SYNTAXES", "Level", "Model", "MoveResult", "find", "get", "move"]
 
@@ -127,6 +130,19 @@ def _identifier(level: str, query: Mapping[str, Any]) -> Dataset:
     return identifier
 
 
+def _end(assoc: Association) -> None:
+    """Release the association; only tidy up when the peer or the network already ended it.
+
+    Releasing an association whose connection is gone would wait the whole ACSE timeout for
+    an A-RELEASE-RP that cannot come (the reactor has not seen the abort yet when a request
+    returns).
+    """
+    if assoc.acse.is_aborted() or not assoc.dul.is_alive():
+        assoc.kill()
+    elif assoc.is_established:
+        assoc.release()
+
+
 def _model(table: Mapping[str, str], model: str) -> str:
     try:
         return table[model]
@@ -168,8 +184,7 @@ def find(
             )
         raise DicomError(f"C-FIND to {node} ended without a final status")
     finally:
-        if assoc.is_established:
-            assoc.release()
+        _end(assoc)
 
 
 def _failed_uids(identifier: Dataset | None) -> tuple[str, ...]:
@@ -223,8 +238,7 @@ def move(
             assoc.send_c_move(identifier, destination_ae, model_uid), node, "C-MOVE"
         )
     finally:
-        if assoc.is_established:
-            assoc.release()
+        _end(assoc)
 
 
 def get(
@@ -267,5 +281,4 @@ def get(
     try:
         return _final_result(assoc.send_c_get(identifier, model_uid), node, "C-GET")
     finally:
-        if assoc.is_established:
-            assoc.release()
+        _end(assoc)

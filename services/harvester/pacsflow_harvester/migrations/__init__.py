@@ -1,0 +1,1 @@
+"""Schema migrations of the harvester (applied by ``pacsflow db upgrade``)."""
