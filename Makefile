@@ -32,5 +32,9 @@ test-peers: ## install and start DCMTK, Orthanc, RabbitMQ and PostgreSQL
 test: install tools test-peers ## the whole test suite against real peers
 	$(BIN)/pytest -q -p no:cacheprovider
 
+bench: install test-peers ## DCMTK against the uploader and the router on this machine (minutes)
+	$(BIN)/python -m bench.uploader
+	$(BIN)/python -m bench.router
+
 clean:
 	rm -rf $(VENV) .tools data build *.egg-info

@@ -1,24 +1,27 @@
-"""The uploader service: file-ready events to C-STORE at one or more PACS.
-
-The service is wired but does not handle events yet: it declares the durable queues it will
-consume so that events published meanwhile are kept, then idles until it is stopped.
-"""
+"""The uploader service: file-ready events to C-STORE at one or more PACS (see uploader.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
+from pacsflow.dicom.options import NetworkOptions
 from pacsflow.runtime import ServiceContext
 
-CONSUMES: tuple[str, ...] = ("file-ready",)
+from pacsflow_uploader.deliveries import DeliveryQueue, owner_id
+from pacsflow_uploader.uploader import Uploader
 
-log = logging.getLogger(__name__)
+CONSUMES: tuple[str, ...] = ("file-ready",)
 
 
 async def run(ctx: ServiceContext) -> None:
     """Run until cancelled."""
-    if CONSUMES:
-        await ctx.bus.declare(ctx.name, CONSUMES)
-    log.warning("the uploader service has no event handling yet; its events are kept in its queues")
-    await asyncio.Event().wait()
+    settings = ctx.settings
+    uploader = Uploader(
+        settings.uploader,
+        settings.nodes,
+        NetworkOptions.from_settings(settings.dicom),
+        queue=DeliveryQueue(ctx.db, owner=owner_id(settings.instance)),
+        bus=ctx.bus,
+        source=ctx.source,
+        registry=ctx.registry,
+        logs=settings.logging,
+    )
+    await uploader.run()

@@ -1,0 +1,400 @@
+"""The uploader's work queue: pending deliveries in the file ledger, claimed in batches.
+
+Sending is driven from the ledger, never from bus messages held open. ``file-ready`` adds
+pending deliveries (:meth:`DeliveryQueue.schedule`: existing deliveries stay as they are, so
+a confirmed one is never sent again, whatever is redelivered); each destination's sender
+claims due pending deliveries (:meth:`~DeliveryQueue.claim` marks them ``sending`` and names
+this process as their owner) and settles them in batches (:meth:`~DeliveryQueue.settle`:
+outcomes, the next attempt's time, and the ``file-sent`` / ``file-failed`` events that report
+them, written to an outbox in the same transaction).
+
+At least once, and how far "twice" can reach: a process that stops between sending a file
+and settling it leaves the delivery ``sending``. :meth:`~DeliveryQueue.take_back` returns
+such claims to ``pending`` and marks them *in doubt* (the destination may hold the file):
+at start-up for this host's processes that are gone, and for any owner whose claim was not
+renewed for ``claim_timeout_seconds`` (another host's crash). The window is what one process
+has in flight: at most two chunks per association plus the batch being settled. In-doubt
+deliveries can be checked with C-FIND before they are sent again (``verify_in_doubt``).
+
+The columns this adds to ``ledger_deliveries`` come from the uploader's own migration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pacsflow.events import Event, ReadyFile, encode_event
+from pacsflow.store import Database, Ledger, Outcome, SeenFile
+from pacsflow.store.ledger import DeliveryStatus
+
+__all__ = ["Claim", "DeliveryQueue", "Scheduled", "Settlement", "owner_id", "owner_is_gone"]
+
+# Parameters per statement, as in the ledger: a batch is a few statements, never one per row.
+_IDS_PER_STATEMENT = 1000
+# Files a ledger row can no longer be sent for.
+_NOT_SENDABLE = frozenset({"invalid", "duplicate", "archived"})
+_FILE_COLUMNS = (
+    "id, path, size, sop_class_uid, sop_instance_uid, transfer_syntax_uid,"
+    " study_instance_uid, series_instance_uid, batch_key"
+)
+
+
+def owner_id(instance: str) -> str:
+    """A name for this process's claims: instance, host, process id and a random token."""
+    return f"{instance}|{socket.gethostname()}|{os.getpid()}|{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_gone(owner: str | None, me: str) -> bool:
+    """True when ``owner`` is an earlier process on this host that no longer runs."""
+    if owner is None:
+        return True
+    parts = owner.split("|")
+    mine = me.split("|")
+    if len(parts) != 4 or owner == me or parts[1] != mine[1]:
+        return False
+    pid = int(parts[2]) if parts[2].isdigit() else -1
+    if pid == int(mine[2]):
+        # Our own process id with another token: our previous life (a container restarts
+        # with the same pid).
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A delivery claimed for sending, with what the sender needs to know about its file."""
+
+    file_id: int
+    destination: str
+    attempts: int
+    in_doubt: bool
+    #: when the delivery was created (for the queue-lag metric)
+    queued_at: float
+    path: str
+    size: int
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+    transfer_syntax_uid: str | None
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    batch_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How a claimed delivery ends: a final status, or ``pending`` again for later."""
+
+    claim: Claim
+    status: DeliveryStatus
+    dimse_status: int | None = None
+    error: str | None = None
+    #: the delivery's attempt count from now on
+    attempts: int = 0
+    #: for ``pending``: not claimed again before this time (epoch seconds)
+    next_attempt_at: float = 0.0
+    in_doubt: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    """What :meth:`DeliveryQueue.schedule` did with a file-ready event's files."""
+
+    file_ids: list[int]
+    #: recorded as invalid, duplicate or archived: nothing to send
+    skipped: int
+    #: neither on disk nor in the ledger
+    missing: int
+
+
+def _chunks(items: Sequence[Any], size: int = _IDS_PER_STATEMENT) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _placeholders(count: int, start: int) -> str:
+    return ", ".join(f"${n}" for n in range(start, start + count))
+
+
+class DeliveryQueue:
+    """Claiming, settling and taking back deliveries; the uploader's event outbox."""
+
+    def __init__(
+        self, db: Database, *, owner: str, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._db = db
+        self.owner = owner
+        self._clock = clock
+        self.ledger = Ledger(db, clock=clock)
+
+    # --- scheduling ---------------------------------------------------------------------
+
+    async def schedule(
+        self, files: Sequence[ReadyFile], destinations: Sequence[str], batch_key: str | None
+    ) -> Scheduled:
+        """Make sure each file has a delivery to each destination (pending when new)."""
+        stats = await asyncio.to_thread(_stat_all, [f.path for f in files])
+        present = [(f, st) for f, st in zip(files, stats, strict=True) if st is not None]
+        gone = [f.path for f, st in zip(files, stats, strict=True) if st is None]
+        recorded = await self.ledger.record_seen(
+            [
+                SeenFile(
+                    path=f.path, size=st[0], mtime=st[1],
+                    sop_instance_uid=f.sop_instance_uid,
+                    series_instance_uid=f.series_instance_uid,
+                    study_instance_uid=f.study_instance_uid,
+                    sop_class_uid=f.sop_class_uid,
+                    transfer_syntax_uid=f.transfer_syntax_uid,
+                    batch_key=batch_key,
+                )
+                for f, st in present
+            ]
+        )  # fmt: skip
+        ids = [r.id for r in recorded if r.status not in _NOT_SENDABLE]
+        skipped = len(recorded) - len(ids)
+        missing = 0
+        if gone:
+            # Gone from disk: sent and archived already (a redelivered event), or removed.
+            # A ledger row still waiting gets its delivery; sending it will fail and say so.
+            found = await self._latest_rows(gone)
+            for path in gone:
+                row = found.get(path)
+                if row is None:
+                    missing += 1
+                elif row["status"] in _NOT_SENDABLE:
+                    skipped += 1
+                else:
+                    ids.append(row["id"])
+        await self.ledger.add_deliveries(ids, destinations)
+        return Scheduled(ids, skipped, missing)
+
+    async def _latest_rows(self, paths: Sequence[str]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for chunk in _chunks(sorted(set(paths))):
+            rows = await self._db.fetch(
+                "SELECT id, path, status FROM ledger_files"
+                f" WHERE path IN ({_placeholders(len(chunk), 1)}) ORDER BY id",
+                *chunk,
+            )
+            for row in rows:
+                found[row["path"]] = row  # the newest row of a path wins
+        return found
+
+    # --- claiming and settling ----------------------------------------------------------
+
+    async def claim(self, destination: str, limit: int) -> list[Claim]:
+        """Mark up to ``limit`` due pending deliveries to ``destination`` as ours, sending."""
+        now = self._clock()
+        # Two uploaders on PostgreSQL never claim the same row: the second skips locked ones.
+        lock = " FOR UPDATE SKIP LOCKED" if self._db.dialect == "postgres" else ""
+        async with self._db.transaction() as tx:
+            rows = await tx.fetch(
+                "UPDATE ledger_deliveries SET status = 'sending', claimed_by = $1,"
+                " claimed_at = $2, updated_at = $2"
+                " WHERE destination = $3 AND file_id IN ("
+                "  SELECT file_id FROM ledger_deliveries"
+                "  WHERE destination = $3 AND status = 'pending' AND next_attempt_at <= $2"
+                f"  ORDER BY file_id LIMIT $4{lock})"
+                " RETURNING file_id, attempts, in_doubt, created_at",
+                self.owner, now, destination, limit,
+            )  # fmt: skip
+            if not rows:
+                return []
+            by_id = {row["file_id"]: row for row in rows}
+            ids = sorted(by_id)
+            files: dict[int, Any] = {}
+            for chunk in _chunks(ids):
+                for row in await tx.fetch(
+                    f"SELECT {_FILE_COLUMNS} FROM ledger_files"
+                    f" WHERE id IN ({_placeholders(len(chunk), 1)})",
+                    *chunk,
+                ):
+                    files[row["id"]] = row
+                # The ledger's rule: a file with a delivery being sent is "sending".
+                await tx.execute(
+                    "UPDATE ledger_files SET status = 'sending', updated_at = $1"
+                    f" WHERE id IN ({_placeholders(len(chunk), 2)})"
+                    " AND status IN ('ready', 'sent', 'failed')",
+                    now, *chunk,
+                )  # fmt: skip
+        claims = []
+        for file_id in ids:
+            delivery, file = by_id[file_id], files[file_id]
+            claims.append(
+                Claim(
+                    file_id=file_id, destination=destination,
+                    attempts=int(delivery["attempts"]), in_doubt=bool(delivery["in_doubt"]),
+                    queued_at=float(delivery["created_at"]), path=file["path"],
+                    size=int(file["size"]), sop_class_uid=file["sop_class_uid"],
+                    sop_instance_uid=file["sop_instance_uid"],
+                    transfer_syntax_uid=file["transfer_syntax_uid"],
+                    study_instance_uid=file["study_instance_uid"],
+                    series_instance_uid=file["series_instance_uid"],
+                    batch_key=file["batch_key"],
+                )
+            )  # fmt: skip
+        return claims
+
+    async def settle(self, settlements: Sequence[Settlement], events: Sequence[Event]) -> list[int]:
+        """Record outcomes and put the events reporting them in the outbox, atomically.
+
+        Returns the outbox ids of the events, for :meth:`published` once the bus has them.
+        """
+        if not settlements and not events:
+            return []
+        now = self._clock()
+        outbox: list[int] = []
+        async with self._db.transaction() as tx:
+            if settlements:
+                await Ledger(tx, clock=self._clock).record_outcomes(
+                    [
+                        Outcome(
+                            s.claim.file_id, s.claim.destination, s.status,
+                            dimse_status=s.dimse_status, error=s.error, attempts=s.attempts,
+                        )
+                        for s in settlements
+                    ]
+                )  # fmt: skip
+                await tx.executemany(
+                    "UPDATE ledger_deliveries SET next_attempt_at = $3, in_doubt = $4,"
+                    " claimed_by = NULL, claimed_at = NULL"
+                    " WHERE file_id = $1 AND destination = $2",
+                    [
+                        (s.claim.file_id, s.claim.destination, s.next_attempt_at,
+                         1 if s.in_doubt else 0)
+                        for s in settlements
+                    ],
+                )  # fmt: skip
+            for event in events:
+                event_id = await tx.fetchval(
+                    "INSERT INTO uploader_outbox (event, created_at) VALUES ($1, $2) RETURNING id",
+                    encode_event(event).decode(),
+                    now,
+                )
+                outbox.append(int(event_id))
+        return outbox
+
+    async def renew(self) -> None:
+        """Renew this process's claims, so no other uploader takes them back."""
+        await self._db.execute(
+            "UPDATE ledger_deliveries SET claimed_at = $1"
+            " WHERE claimed_by = $2 AND status = 'sending'",
+            self._clock(), self.owner,
+        )  # fmt: skip
+
+    async def take_back(self, claim_timeout: float) -> dict[str, int]:
+        """Return abandoned claims to pending, in doubt; how many per destination.
+
+        Abandoned: claimed by a process of this host that is gone, or not renewed for
+        ``claim_timeout`` seconds by anyone.
+        """
+        rows = await self._db.fetch(
+            "SELECT claimed_by, max(claimed_at) AS renewed FROM ledger_deliveries"
+            " WHERE status = 'sending' GROUP BY claimed_by"
+        )
+        cutoff = self._clock() - claim_timeout
+        owners = [
+            row["claimed_by"] for row in rows
+            if row["claimed_by"] != self.owner and (
+                owner_is_gone(row["claimed_by"], self.owner)
+                or (row["renewed"] is not None and row["renewed"] < cutoff)
+            )
+        ]  # fmt: skip
+        taken: dict[str, int] = {}
+        for owner in owners:
+            for destination in await self._take_back_owner(owner):
+                taken[destination] = taken.get(destination, 0) + 1
+        return taken
+
+    async def _take_back_owner(self, owner: str | None) -> list[str]:
+        error = "the uploader stopped while sending it; it may have arrived"
+        async with self._db.transaction() as tx:
+            # Conditional on the claim still standing, so a late settle is never undone.
+            condition = "claimed_by IS NULL" if owner is None else "claimed_by = $3"
+            args: list[Any] = [self._clock(), error] + ([] if owner is None else [owner])
+            rows = await tx.fetch(
+                "UPDATE ledger_deliveries SET status = 'pending', in_doubt = 1,"
+                " next_attempt_at = 0, claimed_by = NULL, claimed_at = NULL,"
+                " last_error = $2, updated_at = $1"
+                f" WHERE status = 'sending' AND {condition}"
+                " RETURNING file_id, destination, attempts",
+                *args,
+            )
+            if rows:
+                # Outcomes with the same values, so the files' statuses follow.
+                await Ledger(tx, clock=self._clock).record_outcomes(
+                    [
+                        Outcome(r["file_id"], r["destination"], "pending", error=error,
+                                attempts=r["attempts"])
+                        for r in rows
+                    ]
+                )  # fmt: skip
+        return [r["destination"] for r in rows]
+
+    # --- what there is to do -------------------------------------------------------------
+
+    async def destinations_with_work(self) -> list[str]:
+        """Destinations with pending or in-flight deliveries."""
+        rows = await self._db.fetch(
+            "SELECT DISTINCT destination FROM ledger_deliveries"
+            " WHERE status IN ('pending', 'sending') ORDER BY destination"
+        )
+        return [row["destination"] for row in rows]
+
+    async def next_due(self, destination: str) -> float | None:
+        """When the next pending delivery to ``destination`` is due (None: none pending)."""
+        value = await self._db.fetchval(
+            "SELECT min(next_attempt_at) FROM ledger_deliveries"
+            " WHERE destination = $1 AND status = 'pending'",
+            destination,
+        )
+        return None if value is None else float(value)
+
+    async def backlog(self) -> dict[str, tuple[int, float]]:
+        """Per destination: pending deliveries and when the oldest of them was created."""
+        rows = await self._db.fetch(
+            "SELECT destination, count(*) AS n, min(created_at) AS oldest"
+            " FROM ledger_deliveries WHERE status = 'pending' GROUP BY destination"
+        )
+        return {row["destination"]: (int(row["n"]), float(row["oldest"])) for row in rows}
+
+    # --- the outbox -----------------------------------------------------------------------
+
+    async def unpublished(self, limit: int = 100) -> list[tuple[int, bytes]]:
+        """Events written but not yet confirmed by the bus, oldest first."""
+        rows = await self._db.fetch(
+            "SELECT id, event FROM uploader_outbox ORDER BY id LIMIT $1", limit
+        )
+        return [(int(row["id"]), row["event"].encode()) for row in rows]
+
+    async def published(self, ids: Sequence[int]) -> None:
+        """Forget events the bus has confirmed."""
+        for chunk in _chunks(sorted(set(ids))):
+            await self._db.execute(
+                f"DELETE FROM uploader_outbox WHERE id IN ({_placeholders(len(chunk), 1)})",
+                *chunk,
+            )
+
+
+def _stat_all(paths: Sequence[str]) -> list[tuple[int, float] | None]:
+    found: list[tuple[int, float] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            found.append(None)
+        else:
+            found.append((st.st_size, st.st_mtime))
+    return found

@@ -1,0 +1,1 @@
+"""SQL migrations of the uploader: delivery scheduling and the event outbox."""
