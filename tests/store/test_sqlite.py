@@ -152,3 +152,34 @@ class TestSqliteWriters:
             async with db.transaction():
                 await db.execute("UPDATE counter SET n = 1")
         assert await db.fetchval("SELECT n FROM counter") == 0
+
+
+class TestCancelledBegin:
+    async def test_a_task_cancelled_while_beginning_leaves_no_open_transaction(
+        self, tmp_path: Path
+    ) -> None:
+        """A cancel that arrives while BEGIN IMMEDIATE runs in the thread must not leave the
+        connection inside a transaction (later transactions would all fail)."""
+        db = await SqliteDatabase.open(tmp_path / "state.db")
+        blocker = sqlite3.connect(tmp_path / "state.db", timeout=30)
+        try:
+            await db.execute("CREATE TABLE t (v INTEGER)")
+            blocker.execute("BEGIN IMMEDIATE")  # BEGIN in the pool now waits for this lock
+
+            async def write() -> None:
+                async with db.transaction() as tx:
+                    await tx.execute("INSERT INTO t VALUES (1)")
+
+            task = asyncio.create_task(write())
+            await asyncio.sleep(0.3)
+            task.cancel()
+            await asyncio.sleep(0.1)
+            blocker.rollback()  # the BEGIN now completes, after the cancel
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            async with db.transaction() as tx:
+                await tx.execute("INSERT INTO t VALUES (2)")
+            assert await db.fetchval("SELECT group_concat(v) FROM t") == "2"
+        finally:
+            blocker.close()
+            await db.close()

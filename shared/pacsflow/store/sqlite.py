@@ -369,7 +369,13 @@ class SqliteDatabase(_Queries):
         async with self._hold():
             self._owner = asyncio.current_task()
             try:
-                await self._db.run(_execute, "BEGIN IMMEDIATE", (), sql="BEGIN IMMEDIATE")
+                try:
+                    await self._db.run(_execute, "BEGIN IMMEDIATE", (), sql="BEGIN IMMEDIATE")
+                except asyncio.CancelledError:
+                    # BEGIN ran to its end in the thread before the cancel reached us: undo it,
+                    # or every later transaction on this connection would fail.
+                    await self._db.run(_rollback, ("ROLLBACK",))
+                    raise
                 bound = _SqliteTransaction(self._db)
                 try:
                     yield bound
