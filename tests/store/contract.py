@@ -670,6 +670,13 @@ class LedgerContract(StoreCase):
             ("1.2.4", "h4"): frozenset({"backup"}),
         }
 
+    async def test_a_file_is_no_copy_of_itself(self, ledger: Ledger) -> None:
+        original = await self._sent(ledger, "a", uid="1.2.3", sha="h1")
+        assert await ledger.find_sent([("1.2.3", "h1")], exclude_file_ids=[original]) == {}
+        [copy] = await ledger.record_seen([seen("copy", sop_instance_uid="1.2.3", sha256="h1")])
+        found = await ledger.find_sent([("1.2.3", "h1")], exclude_file_ids=[copy.id])
+        assert found == {("1.2.3", "h1"): frozenset({"pacs"})}
+
     async def test_duplicate_is_marked_and_skipped(self, ledger: Ledger) -> None:
         original = await self._sent(ledger, "a", uid="1.2.3", sha="h1")
         [copy] = await ledger.record_seen([seen("copy", sop_instance_uid="1.2.3", sha256="h1")])

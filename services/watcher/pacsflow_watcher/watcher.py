@@ -359,7 +359,9 @@ class Watcher:
     ) -> list[tuple[LedgerFile, _Checked]]:
         keys = {(row.sop_instance_uid, row.sha256) for row, _ in candidates
                 if row.sop_instance_uid and row.sha256}
-        sent = await self.ledger.find_sent(keys)  # type: ignore[arg-type]
+        # A candidate's own deliveries may be confirmed meanwhile: it is no copy of itself.
+        sent = await self.ledger.find_sent(
+            keys, exclude_file_ids=[row.id for row, _ in candidates])  # type: ignore[arg-type]
         duplicates: dict[int, str] = {}
         keep: list[tuple[LedgerFile, _Checked]] = []
         rows: dict[int, LedgerFile] = {}
@@ -386,7 +388,7 @@ class Watcher:
                 where = await asyncio.to_thread(_move, path, target)
                 marked[file_id] = f"{reason}; moved to {where}"
             except FileNotFoundError:
-                marked[file_id] = reason
+                continue  # archived meanwhile: its ledger row already says so
             except OSError as err:
                 log.error("cannot move %s out of the import folder: %s", path, err)
                 self.metrics.errors.labels(stage="duplicate").inc()

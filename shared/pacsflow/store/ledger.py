@@ -301,15 +301,18 @@ class Ledger:
         )
 
     async def find_sent(
-        self, instances: Iterable[tuple[str, str]]
+        self, instances: Iterable[tuple[str, str]], *, exclude_file_ids: Iterable[int] = ()
     ) -> dict[tuple[str, str], frozenset[str]]:
-        """For (SOP Instance UID, sha256) pairs already confirmed somewhere: the destinations."""
+        """For (SOP Instance UID, sha256) pairs already confirmed somewhere: the destinations.
+
+        Files in ``exclude_file_ids`` do not count: a file is no copy of itself."""
         wanted = set(instances)
+        excluded = set(exclude_file_ids)
         uids = sorted({uid for uid, _ in wanted})
         found: dict[tuple[str, str], set[str]] = {}
         for chunk in _chunks(uids, 1):
             rows = await self._db.fetch(
-                "SELECT f.sop_instance_uid, f.sha256, d.destination"
+                "SELECT f.id, f.sop_instance_uid, f.sha256, d.destination"
                 " FROM ledger_files f JOIN ledger_deliveries d ON d.file_id = f.id"
                 f" WHERE f.sop_instance_uid IN ({_placeholders(len(chunk))})"
                 " AND d.status IN ('sent', 'warning')",
@@ -317,7 +320,7 @@ class Ledger:
             )
             for row in rows:
                 key = (row["sop_instance_uid"], row["sha256"])
-                if key in wanted:
+                if key in wanted and row["id"] not in excluded:
                     found.setdefault(key, set()).add(row["destination"])
         return {key: frozenset(destinations) for key, destinations in found.items()}
 
