@@ -59,7 +59,7 @@ class TestInvalidFiles:
     def test_marker_without_data_set(self, tmp_path: Path) -> None:
         (tmp_path / "hollow.dcm").write_bytes(bytes(128) + b"DICM")
         verdict = validate_file(tmp_path / "hollow.dcm")
-        assert verdict.outcome == "invalid" and "missing" in verdict.reason
+        assert verdict.outcome == "invalid" and verdict.reason == "no data set after the file meta"
 
     # CT_small's pixel data runs from byte 6300 to 39068; other data follows it.
     @pytest.mark.parametrize("length", [6400, 20000, 39067])
@@ -92,13 +92,20 @@ class TestInvalidFiles:
         ds = pydicom.dcmread(ct)
         del ds.SOPInstanceUID
         ds.save_as(tmp_path / "nouid.dcm", enforce_file_format=False)
-        assert validate_file(tmp_path / "nouid.dcm").reason == "missing SOP Instance UID"
+        assert validate_file(tmp_path / "nouid.dcm").reason == "no SOP Instance UID in the data set"
 
     def test_malformed_uid(self, tmp_path: Path, ct: Path) -> None:
         ds = pydicom.dcmread(ct)
         ds.StudyInstanceUID = "1.2.3.abc"
         ds.save_as(tmp_path / "bad.dcm")
-        assert validate_file(tmp_path / "bad.dcm").reason == "malformed Study Instance UID"
+        assert validate_file(tmp_path / "bad.dcm").reason == \
+            "Study Instance UID '1.2.3.abc' is not a UID"
+
+    def test_missing_series_instance_uid(self, tmp_path: Path, ct: Path) -> None:
+        ds = pydicom.dcmread(ct)
+        del ds.SeriesInstanceUID
+        ds.save_as(tmp_path / "noseries.dcm")
+        assert validate_file(tmp_path / "noseries.dcm").reason == "missing Series Instance UID"
 
     @pytest.mark.parametrize("magic", [b"MZ\x90\x00", b"\x7fELF\x02\x01"])
     def test_executable_in_preamble(self, tmp_path: Path, ct: Path, magic: bytes) -> None:

@@ -80,6 +80,11 @@ class PartTenFile:
     transfer_syntax_uid: str
     #: byte offset where the encoded data set starts (after preamble and file meta, if any)
     dataset_offset: int
+    #: raw values of the top-level elements asked for with ``extra_tags`` (tag -> bytes)
+    extra: dict[int, bytes] | None = None
+    #: where pixel data starts, as (element offset, header length, value length); None when
+    #: the data set has none. Offsets are in the file, except in a deflated data set.
+    pixel_data: tuple[int, int, int] | None = None
 
     @property
     def presentation(self) -> tuple[str, str]:
@@ -147,6 +152,8 @@ class _Identifiers:
     sop_instance_uid: str | None
     study_instance_uid: str | None
     series_instance_uid: str | None
+    found: dict[int, bytes]
+    pixel_data: tuple[int, int, int] | None
 
 
 _ITEM = 0xFFFEE000
@@ -249,10 +256,16 @@ _WANTED = frozenset({_SOP_CLASS_UID, _SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SE
 
 
 def _walk_to_pixel_data(
-    fp: BinaryIO, is_implicit_vr: bool, is_little_endian: bool, size: int | None
+    fp: BinaryIO,
+    is_implicit_vr: bool,
+    is_little_endian: bool,
+    size: int | None,
+    extra_tags: frozenset[int] = frozenset(),
 ) -> _Identifiers:
-    """Read the identifying UIDs; stop at the pixel data and check it fits in ``size``."""
-    found, pixel_data = _ElementWalker(fp, is_implicit_vr, is_little_endian).walk(_WANTED)
+    """Read the identifying UIDs (and ``extra_tags``); stop at the pixel data and check it
+    fits in ``size``."""
+    walker = _ElementWalker(fp, is_implicit_vr, is_little_endian)
+    found, pixel_data = walker.walk(_WANTED | extra_tags)
     if size is not None:
         if fp.tell() > size:
             raise InvalidDicom(
@@ -275,6 +288,8 @@ def _walk_to_pixel_data(
         series_instance_uid=_check_uid(
             _uid_value(found.get(_SERIES_INSTANCE_UID)), "Series Instance UID"
         ),
+        found=found,
+        pixel_data=pixel_data,
     )
 
 
@@ -282,8 +297,12 @@ def _not_group_0002(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag >> 16 != 2
 
 
-def read_part10(path: str | os.PathLike[str]) -> PartTenFile:
+def read_part10(
+    path: str | os.PathLike[str], *, extra_tags: frozenset[int] = frozenset()
+) -> PartTenFile:
     """Read the file meta and identifying UIDs of a DICOM file, stopping before pixel data.
+
+    ``extra_tags`` names further top-level elements whose raw values to return in ``extra``.
 
     Files without preamble or file meta (a bare data set, PS3.10 7.1 says they are not Part
     10 but they are common) are read too; their transfer syntax is taken from the encoding
@@ -345,7 +364,9 @@ def read_part10(path: str | os.PathLike[str]) -> PartTenFile:
             # are what a receiver decodes, so they decide the syntax to send them with.
             transfer_syntax = ImplicitVRLittleEndian
             is_implicit_vr = True
-        identifiers = _walk_to_pixel_data(stream, is_implicit_vr, is_little_endian, stream_size)
+        identifiers = _walk_to_pixel_data(
+            stream, is_implicit_vr, is_little_endian, stream_size, extra_tags
+        )
 
     if identifiers.sop_class_uid is None:
         raise InvalidDicom("no SOP Class UID in the data set")
@@ -360,6 +381,10 @@ def read_part10(path: str | os.PathLike[str]) -> PartTenFile:
         series_instance_uid=identifiers.series_instance_uid,
         transfer_syntax_uid=transfer_syntax,
         dataset_offset=dataset_offset,
+        extra={tag: identifiers.found[tag] for tag in extra_tags if tag in identifiers.found}
+        if extra_tags
+        else None,
+        pixel_data=identifiers.pixel_data,
     )
 
 
