@@ -79,13 +79,17 @@ def write_ct_series(
     columns: int = 64,
     study_uid: str | None = None,
     series_uid: str | None = None,
+    uid_root: str | None = None,
 ) -> list[Path]:
-    """Write ``count`` CT images of one series into ``folder``; return their paths."""
+    """Write ``count`` CT images of one series into ``folder``; return their paths.
+
+    Instance UIDs are ``<uid_root>.<number>`` (a fresh random root by default; a fixed one
+    gives the same bytes on every run, as the benchmarks want)."""
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
     series_uid = series_uid or generate_uid()
     # Fixed-width UIDs and instance numbers: the copies keep every offset and length.
-    uid_root = f"2.25.{uuid.uuid4().int}"
+    uid_root = uid_root or f"2.25.{uuid.uuid4().int}"
     template_uid = f"{uid_root}.{_UID_BASE}"
     buffer = BytesIO()
     dcmwrite(
