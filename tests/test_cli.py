@@ -60,8 +60,7 @@ def wait_ready(port: int, process: subprocess.Popen[str], timeout: float = 60) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"exited early with {process.returncode}: "
-                                 f"{process.stderr.read() if process.stderr else ''}")
+            raise AssertionError(f"exited early with {process.returncode}")
         try:
             if get(port, "/readyz")[0] == 200:
                 return
@@ -76,8 +75,11 @@ class TestRunningServices:
     def test_starts_serves_metrics_and_stops_on_sigterm(self, tmp_path: Path,
                                                         command: list[str]) -> None:
         config, http_port = write_config(tmp_path)
-        process = subprocess.Popen([sys.executable, "-m", "pacsflow", "-c", str(config),
-                                    *command], stderr=subprocess.PIPE, text=True)
+        # Logs to a file: an unread pipe fills up and blocks the process.
+        log_path = tmp_path / "pacsflow.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([sys.executable, "-m", "pacsflow", "-c", str(config),
+                                        *command], stderr=log, text=True)
         try:
             wait_ready(http_port, process)
             status, metrics = get(http_port, "/metrics")
@@ -92,7 +94,7 @@ class TestRunningServices:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-        stderr = process.stderr.read() if process.stderr else ""
+        stderr = log_path.read_text()
         lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
         assert any(line["message"] == "stopped" for line in lines)
         assert not [line for line in lines if line["level"] == "ERROR"], stderr

@@ -40,8 +40,9 @@ def test_a_study_dropped_into_the_inbox_is_stored_archived_and_announced(tmp_pat
         "PACSFLOW_NODES__ROUTER__PORT": str(router_port),
     })
     env.pop("PACSFLOW_CONFIG", None)
+    log = open(tmp_path / "pacsflow.log", "w")  # noqa: SIM115 - closed below
     process = subprocess.Popen([sys.executable, "-m", "pacsflow", "run"], cwd=tmp_path, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=log, text=True)
     data = tmp_path / "data"
     try:
         sources = write_ct_series(tmp_path / "staging" / "#1-Demo", 25)
@@ -49,7 +50,7 @@ def test_a_study_dropped_into_the_inbox_is_stored_archived_and_announced(tmp_pat
         (tmp_path / "staging" / "#1-Demo").rename(data / "inbox" / "#1-Demo")
         deadline = time.monotonic() + 60
         while not list((data / "mail").glob("*.eml")) if (data / "mail").exists() else True:
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert process.poll() is None, (tmp_path / "pacsflow.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no study-complete mail within 60 s"
             time.sleep(0.2)
         while len(list((data / "archive").rglob("*.dcm"))) < 25:
@@ -58,6 +59,7 @@ def test_a_study_dropped_into_the_inbox_is_stored_archived_and_announced(tmp_pat
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+        log.close()
     stored = sorted((data / "storage").rglob("*.dcm"))
     assert len(stored) == 25
     # Each stored instance is the source file's data set (only the file meta may differ).

@@ -97,8 +97,10 @@ def exported_metrics(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     """The metric families of all six services, scraped from a running ``pacsflow run``."""
     tmp_path = tmp_path_factory.mktemp("monitoring")
     config, http_port = write_config(tmp_path)
+    # Logs to a file: an unread pipe fills up and blocks the process.
+    log = open(tmp_path / "pacsflow.log", "w")  # noqa: SIM115 - closed below
     process = subprocess.Popen([sys.executable, "-m", "pacsflow", "-c", str(config), "run"],
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=log, text=True)
     try:
         wait_ready(http_port, process)
         status, text = get(http_port, "/metrics")
@@ -106,6 +108,7 @@ def exported_metrics(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+        log.close()
     names = set()
     for line in text.splitlines():
         if line.startswith("# TYPE "):
