@@ -60,6 +60,19 @@ AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
+def _check_timezone(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as err:
+            raise ValueError(f"unknown time zone {value!r}") from err
+    return value
+
+
+#: an IANA time zone name (Europe/Berlin, Asia/Seoul); None: the machine's
+TimeZone = Annotated[str | None, AfterValidator(_check_timezone)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -425,7 +438,7 @@ class NotifierSettings(_Section):
     templates: dict[NotificationKind, MessageTemplate] = {}
     webhooks: dict[str, WebhookSettings] = {}
     # Times in messages are shown in this zone (IANA name); default: the machine's.
-    timezone: str | None = None
+    timezone: TimeZone = None
     # Failed files and dead letters are gathered this long after the first one, then
     # reported in one message: at most one alert of each kind per window.
     alert_window_seconds: float = Field(default=300.0, gt=0)
@@ -439,16 +452,6 @@ class NotifierSettings(_Section):
     poll_seconds: float = Field(default=5.0, gt=0)
     # Sent messages and reported failures are kept this long (their redeliveries stay no-ops).
     retention_days: float = Field(default=30.0, gt=0)
-
-    @field_validator("timezone")
-    @classmethod
-    def _check_timezone(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                ZoneInfo(value)
-            except (ZoneInfoNotFoundError, ValueError) as err:
-                raise ValueError(f"unknown time zone {value!r}") from err
-        return value
 
     @model_validator(mode="after")
     def _check_retry(self) -> NotifierSettings:
@@ -605,7 +608,7 @@ class HarvesterSettings(_Section):
     # When set, requests start only inside these daily windows (e.g. ["20:00-06:00"]).
     work_windows: list[ClockWindow] = []
     # IANA zone of the windows; default: the machine's.
-    timezone: str | None = None
+    timezone: TimeZone = None
     # Each complete patient becomes <archive_folder>/<PatientID>.zip (rebuilt when a series
     # is added later); false: no archives, patient-complete is still emitted.
     archive: bool = True
@@ -615,16 +618,6 @@ class HarvesterSettings(_Section):
     rescan_hours: float | None = Field(default=None, gt=0)
     # How often idle workers look for work that other processes queued.
     poll_seconds: float = Field(default=5.0, gt=0)
-
-    @field_validator("timezone")
-    @classmethod
-    def _check_timezone(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                ZoneInfo(value)
-            except (ZoneInfoNotFoundError, ValueError) as err:
-                raise ValueError(f"unknown time zone {value!r}") from err
-        return value
 
     @model_validator(mode="after")
     def _check_retry(self) -> HarvesterSettings:
@@ -658,7 +651,7 @@ class SyncSettings(_Section):
     # never: exclude.
     untimed_studies: Literal["include", "exclude"] = "include"
     # The time zone of the PACS's StudyDate/StudyTime (IANA name); default: the machine's.
-    timezone: str | None = None
+    timezone: TimeZone = None
     # smallest: per study, the series with the fewest images; max-images: every series with
     # fewer than max_images images; all: every series.
     selection: Literal["smallest", "max-images", "all"] = "smallest"
@@ -681,11 +674,6 @@ class SyncSettings(_Section):
     poll_seconds: float = Field(default=5.0, gt=0)
     # Print each cycle's statistics table on standard output, besides the log line.
     print_statistics: bool = True
-
-    @field_validator("timezone")
-    @classmethod
-    def _check_timezone(cls, value: str | None) -> str | None:
-        return NotifierSettings._check_timezone(value)
 
     @model_validator(mode="after")
     def _check_selection(self) -> SyncSettings:
