@@ -65,6 +65,19 @@ class TestLoadSettings:
         with pytest.raises(ConfigError, match=rf"(?m)^  {key}: "):
             load_settings(write(tmp_path, text))
 
+    @pytest.mark.parametrize(("text", "key"), [
+        ("sync:\n  remote: nowhere\n", "sync.remote"),
+        ("router:\n  routes:\n    MRI: {path: /x, forward: [nowhere]}\n",
+         "router.routes.MRI.forward"),
+    ])
+    def test_other_node_names_must_be_known(self, tmp_path: Path, text: str, key: str) -> None:
+        with pytest.raises(ConfigError, match=f"{key} names 'nowhere', which is not in nodes"):
+            load_settings(write(tmp_path, text))
+
+    def test_a_node_can_be_given_as_an_address(self, tmp_path: Path) -> None:
+        settings = load_settings(write(tmp_path, "sync:\n  remote: PACS@10.0.0.5:104\n"))
+        assert settings.node(settings.sync.remote or "").port == 104
+
     def test_destination_must_be_a_known_node(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="not in nodes"):
             load_settings(write(tmp_path, "uploader:\n  destinations: [nowhere]\n"))

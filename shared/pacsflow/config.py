@@ -737,6 +737,17 @@ class Settings(BaseSettings):
             for name in names:
                 if name not in self.nodes:
                     raise ValueError(f"{section}.destinations names {name!r}, which is not in nodes")
+        # Names of nodes; the command line's AET@HOST:PORT form is checked where it is parsed.
+        named = {"sync.remote": self.sync.remote, "sync.local": self.sync.local,
+                 "harvester.source": self.harvester.source}
+        for key, name in named.items():
+            if name is not None and "@" not in name and name not in self.nodes:
+                raise ValueError(f"{key} names {name!r}, which is not in nodes")
+        for title, route in self.router.routes.items():
+            for name in route.forward:
+                if name not in self.nodes:
+                    raise ValueError(
+                        f"router.routes.{title}.forward names {name!r}, which is not in nodes")
         return self
 
     def node(self, name_or_address: str) -> Node:

@@ -103,11 +103,17 @@ class TestPlugin:
 
 class TestSettings:
     def test_a_source_without_criteria_must_say_select_all(self) -> None:
+        nodes = {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+                 "router": {"ae_title": "PACSFLOW", "host": "127.0.0.1", "port": 11112}}
         with pytest.raises(ConfigError, match="select_all"):
-            load_settings(None, harvester={"source": "pacs"})
-        settings = load_settings(None, harvester={"source": "pacs",
-                                                  "criteria": {"select_all": True}})  # fmt: skip
+            load_settings(None, nodes=nodes, harvester={"source": "pacs"})
+        settings = load_settings(None, nodes=nodes, harvester={
+            "source": "pacs", "criteria": {"select_all": True}})
         assert settings.harvester.criteria.select_all
+
+    def test_the_source_must_be_a_known_node(self) -> None:
+        with pytest.raises(ConfigError, match="harvester.source names 'pacs'"):
+            load_settings(None, harvester={"source": "pacs", "criteria": {"select_all": True}})
 
     def test_bad_criteria_name_their_key(self) -> None:
         with pytest.raises(ConfigError) as caught:
