@@ -24,7 +24,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,6 +36,7 @@ from pacsflow.events import Event, decode_event
 from pacsflow.logs import log_context
 
 __all__ = [
+    "drain_handlers",
     "BusOptions",
     "Dispatcher",
     "Verdict",
@@ -213,3 +214,23 @@ class Dispatcher:
         self._metrics.handled.labels(self.service, event_type, "dead-letter").inc()
         self._metrics.dead_letters.labels(self.service, event_type, cause).inc()
         return Verdict("dead-letter", reason=reason, cause=cause)
+
+
+async def drain_handlers(
+    running: Collection[asyncio.Task[None]], timeout: float, logger: logging.Logger
+) -> None:
+    """On close: let running handlers finish for up to ``timeout`` seconds, then cancel the
+    rest (their messages are not acknowledged, so they are delivered again)."""
+    if not running:
+        return
+    _, pending = await asyncio.wait(running, timeout=timeout)
+    if pending:
+        logger.warning(
+            "closing the bus: %d handler(s) still running after %.1f s are cancelled; "
+            "their messages will be delivered again",
+            len(pending),
+            timeout,
+        )
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)

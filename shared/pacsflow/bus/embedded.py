@@ -47,6 +47,7 @@ from pacsflow.bus._delivery import (
     Dispatcher,
     Verdict,
     dead_letter_queue_name,
+    drain_handlers,
     queue_name,
 )
 from pacsflow.bus.base import DeadLetter, Handler
@@ -208,19 +209,11 @@ class EmbeddedBus:
         for task in consumers:
             task.cancel()
         await asyncio.gather(*consumers, return_exceptions=True)
-        running = [task for sub in self._subscriptions for task in sub.running]
-        if running:
-            _, pending = await asyncio.wait(running, timeout=self._options.close_timeout)
-            if pending:
-                self._logger.warning(
-                    "closing the bus: %d handler(s) still running after %.1f s are cancelled; "
-                    "their messages will be delivered again",
-                    len(pending),
-                    self._options.close_timeout,
-                )
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+        await drain_handlers(
+            [task for sub in self._subscriptions for task in sub.running],
+            self._options.close_timeout,
+            self._logger,
+        )
         if self._maintenance is not None:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)

@@ -75,6 +75,7 @@ from pacsflow.bus._delivery import (
     Dispatcher,
     Verdict,
     dead_letter_queue_name,
+    drain_handlers,
     queue_name,
 )
 from pacsflow.bus.base import DeadLetter, Handler
@@ -218,19 +219,11 @@ class RabbitBus:
         await asyncio.gather(*restoring, return_exceptions=True)
         for sub in self._subscriptions:
             await self._cancel_consumers(sub)
-        running = [task for sub in self._subscriptions for task in sub.running]
-        if running:
-            _, pending = await asyncio.wait(running, timeout=self._options.close_timeout)
-            if pending:
-                self._logger.warning(
-                    "closing the bus: %d handler(s) still running after %.1f s are cancelled; "
-                    "their messages will be delivered again",
-                    len(pending),
-                    self._options.close_timeout,
-                )
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+        await drain_handlers(
+            [task for sub in self._subscriptions for task in sub.running],
+            self._options.close_timeout,
+            self._logger,
+        )
         for sub in self._subscriptions:
             await self._close_channel(sub.channel)
         await self._close_channel(self._publish_channel)
