@@ -3,11 +3,12 @@
 Run from the repository root::
 
     .venv/bin/python -m bench.router [--rounds 3] [--datasets large small] [--processes 1]
+                                     [--engines asyncio lean]
 
 Both data sets of perf-notes.md (500 images of 512x512, about 0.5 MB each; 2,000 of 64x64,
 about 10 kB) are generated deterministically into a temporary folder. Each round sends each
-data set once to ``storescp`` and once to the router, alternating, one association each
-(``storescu +sd``), with ``TCP_NODELAY=1`` for DCMTK. The router runs in this process as the
+data set once to ``storescp`` and once to the router per engine (``dicom.engine``: asyncio,
+lean), in an order that turns every round, one association each (``storescu +sd``), with ``TCP_NODELAY=1`` for DCMTK. The router runs in this process as the
 service does (SQLite state, the in-memory bus, study flushes and sweeps running). After
 every run each image is checked to have arrived; the median img/s per target and the ratio
 router / storescp are printed. Output goes to the page cache (no fsync), as for storescp.
@@ -107,7 +108,9 @@ async def _wait_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on port {port}")
 
 
-async def _run_router(work: Path, source: Path, expected: int, processes: int) -> float:
+async def _run_router(
+    work: Path, source: Path, expected: int, processes: int, engine: str = "asyncio"
+) -> float:
     from pacsflow_router.router import Router
 
     out = work / "router-out"
@@ -115,6 +118,7 @@ async def _run_router(work: Path, source: Path, expected: int, processes: int) -
         None,
         state={"backend": "sqlite", "path": str(work / "state.db")},
         logging={"level": "WARNING"},
+        dicom={"engine": engine},
         router={
             "port": 0,
             "host": "127.0.0.1",
@@ -156,6 +160,9 @@ async def main() -> None:
         "--datasets", nargs="+", choices=sorted(DATASETS), default=["large", "small"]
     )
     parser.add_argument("--processes", type=int, default=1, help="router.processes")
+    parser.add_argument(
+        "--engines", nargs="+", choices=["asyncio", "lean"], default=["asyncio", "lean"]
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pacsflow-bench-") as temp:
         root = Path(temp)
@@ -164,23 +171,38 @@ async def main() -> None:
             source = root / f"{name}-source"
             paths = write_dataset(source, name)
             size = sum(path.stat().st_size for path in paths) / len(paths)
-            times: dict[str, list[float]] = {"storescp": [], "router": []}
+            times: dict[str, list[float]] = {"storescp": []}
+            times.update({engine: [] for engine in args.engines})
             for round_number in range(args.rounds):
                 work = root / f"{name}-{round_number}"
                 work.mkdir()
-                times["storescp"].append(await _run_storescp(work, source, count))
-                times["router"].append(await _run_router(work, source, count, args.processes))
+                # The order turns every round: a run that follows another one's writes
+                # shares the disk with their write-back.
+                targets = ["storescp", *args.engines]
+                shift = round_number % len(targets)
+                for target in targets[shift:] + targets[:shift]:
+                    if target == "storescp":
+                        times[target].append(await _run_storescp(work, source, count))
+                    else:
+                        times[target].append(
+                            await _run_router(work, source, count, args.processes, target)
+                        )
                 print(
-                    f"  {name} round {round_number + 1}: storescp {count / times['storescp'][-1]:7.0f}"
-                    f" img/s, router {count / times['router'][-1]:7.0f} img/s",
+                    f"  {name} round {round_number + 1}: "
+                    + ", ".join(f"{key} {count / value[-1]:7.0f}" for key, value in times.items())
+                    + " img/s",
                     flush=True,
                 )
                 shutil.rmtree(work)
             dcmtk = statistics.median(times["storescp"])
-            ours = statistics.median(times["router"])
+            summary = "  ".join(
+                f"router/{engine} {count / statistics.median(times[engine]):.0f} img/s"
+                f" ratio {dcmtk / statistics.median(times[engine]):.2f}"
+                for engine in args.engines
+            )
             print(
                 f"{name}: {count} x {size / 1000:.1f} kB  storescp {count / dcmtk:.0f} img/s"
-                f"  router {count / ours:.0f} img/s  ratio {dcmtk / ours:.2f}",
+                f"  {summary}",
                 flush=True,
             )
             shutil.rmtree(source)

@@ -3,7 +3,7 @@
 Run from the repository root::
 
     .venv/bin/python -m bench.uploader [--rounds 3] [--datasets large small]
-        [--setups 1x1 2x2 4x4] [--engines lean]
+        [--setups 1x1 2x2 4x4] [--engines lean asyncio]
 
 Both data sets of perf-notes.md (500 images of 512x512, about 0.5 MB each; 2,000 of 64x64,
 about 10 kB) are generated deterministically (``bench/datasets.py``). Each round measures,
@@ -256,7 +256,9 @@ async def main() -> None:
                         default=["large", "small"])
     parser.add_argument("--setups", nargs="+", default=["1x1", "2x2", "4x4"],
                         help="associations x sender processes of the uploader runs")
-    parser.add_argument("--engines", nargs="+", choices=["lean", "pynetdicom"], default=["lean"])
+    parser.add_argument(
+        "--engines", nargs="+", choices=["lean", "pynetdicom", "asyncio"], default=["lean"]
+    )
     parser.add_argument(
         "--folder", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
         help="where files are written (default: /dev/shm, so disk write-back of earlier runs"

@@ -122,6 +122,11 @@ class DicomSettings(_Section):
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
     tls: TlsSettings = TlsSettings()
+    # The C-STORE/C-ECHO engine of the router's SCP and the uploader's senders: asyncio (one
+    # event loop, no thread hand-offs) or lean (blocking sockets, a thread per association).
+    # Unset: each its fastest (router asyncio, uploader uploader.engine); set, it also picks
+    # the uploader's unless uploader.engine is set. C-FIND/C-MOVE/C-GET always use pynetdicom.
+    engine: Literal["asyncio", "lean"] | None = None
 
 
 class BusSettings(_Section):
@@ -212,8 +217,9 @@ class UploaderSettings(_Section):
     # Sender processes shared by every destination's associations; None: one per core (at
     # most one per association); 0: threads of the service's own process.
     processes: int | None = Field(default=None, ge=0, le=64)
-    # lean: pacsflow's own C-STORE path (fast); pynetdicom: the shared pynetdicom sender.
-    engine: Literal["lean", "pynetdicom"] = "lean"
+    # lean: pacsflow's own C-STORE path on blocking sockets (fast); asyncio: the asyncio
+    # engine's (dicom.engine); pynetdicom: the shared pynetdicom sender.
+    engine: Literal["lean", "pynetdicom", "asyncio"] = "lean"
     # Files per task handed to one association (the in-flight window per association).
     chunk_size: int = Field(default=32, ge=1, le=1000)
     # Attempts per file and destination that got an answer (failure status, no response);
@@ -729,6 +735,13 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment overrides the YAML file (passed as init values); secret files last.
         return env_settings, init_settings, NestedSecretsSettingsSource(file_secret_settings)
+
+    @model_validator(mode="after")
+    def _engine_for_senders(self) -> Settings:
+        # dicom.engine, when set, picks the uploader's engine too, unless that is set itself.
+        if self.dicom.engine is not None and "engine" not in self.uploader.model_fields_set:
+            self.uploader.engine = self.dicom.engine
+        return self
 
     @model_validator(mode="after")
     def _check_references(self) -> Settings:

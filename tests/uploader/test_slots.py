@@ -81,7 +81,7 @@ def jobs(paths: list[Path], *, recorded: bool = False) -> list[FileJob]:
     return found
 
 
-@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom", "asyncio"])
 class TestBytesOnTheWire:
     def test_data_sets_arrive_byte_identical_in_their_own_syntax(
         self, engine: Engine, scp: StoreSCP, collector: Collector, tmp_path: Path,

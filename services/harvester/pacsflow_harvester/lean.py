@@ -42,6 +42,11 @@ from pacsflow.dicom import (
     client_ssl_context,
     describe,
 )
+from pacsflow.dicom.engine.pdu import APPLICATION_CONTEXT as _APPLICATION_CONTEXT
+from pacsflow.dicom.engine.pdu import PDU_HEADER as _HEADER
+from pacsflow.dicom.engine.pdu import REJECT_REASONS as _REJECT_REASONS
+from pacsflow.dicom.engine.pdu import ae_field as _ae
+from pacsflow.dicom.engine.pdu import encode_item as _item
 from pacsflow.errors import AssociationRejected, DicomError, DimseFailure
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
@@ -61,10 +66,8 @@ _MOVE_MODELS = {
 }
 _IMPLICIT = "1.2.840.10008.1.2"
 _EXPLICIT = "1.2.840.10008.1.2.1"
-_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 _CONTEXT_ID = 1
 
-_HEADER = struct.Struct(">BBI")
 _ITEM = struct.Struct(">BBH")
 _ELEMENT = struct.Struct("<HHI")
 
@@ -74,28 +77,9 @@ _NO_DATA_SET = 0x0101
 _STATUS, _DATA_SET_TYPE, _ERROR_COMMENT = 0x0900, 0x0800, 0x0902
 _COMPLETED, _FAILED, _WARNING = 0x1021, 0x1022, 0x1023
 
-_REJECT_REASONS = {
-    (1, 1): "no reason given",
-    (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognised",
-    (1, 7): "called AE title not recognised",
-    (2, 1): "no reason given",
-    (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion",
-    (3, 2): "local limit exceeded",
-}
-
 
 class _Closed(Exception):
     """The peer closed the connection or aborted."""
-
-
-def _item(item_type: int, body: bytes) -> bytes:
-    return _ITEM.pack(item_type, 0, len(body)) + body
-
-
-def _ae(title: str) -> bytes:
-    return title.encode("ascii").ljust(16, b" ")[:16]
 
 
 def _even(raw: bytes, pad: bytes) -> bytes:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pacsflow.bus import EventBus
 from pacsflow.config import Route, Settings
+from pacsflow.dicom.engine import AsyncStoreServer
 from pacsflow.errors import BusError, ConfigError, StoreError
 from pacsflow.events import FileReady, FileReadyPayload, ReadyFile, Source
 from pacsflow.store import Database
@@ -82,7 +83,7 @@ class Router:
         )
         self.table: RouteTable | None = None
         self._listener: socket.socket | None = None
-        self._server: StoreServer | None = None
+        self._server: StoreServer | AsyncStoreServer | None = None
         self._pool: WorkerPool | None = None
         self._slots: AssociationSlots | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -119,6 +120,7 @@ class Router:
             extra_sop_classes=tuple(config.extra_sop_classes),
             flush_seconds=config.flush_seconds,
             logging=self.settings.logging,
+            engine=self.settings.dicom.engine or "asyncio",
         )
 
     async def start(self) -> None:

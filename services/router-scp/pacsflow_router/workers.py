@@ -1,6 +1,7 @@
 """Several receiving processes: a pre-fork pool sharing one listening socket.
 
-One Python process receives at most about one core's worth of C-STOREs (the GIL). With
+One Python process receives at most about one core's worth of C-STOREs (the GIL). Each
+process runs its own SCP: with the asyncio engine, one event loop per process. With
 ``router.processes`` above 1 the service process binds the port and starts that many worker
 processes (spawned, not forked: the service process runs threads) that accept on the same
 socket; the kernel hands each connection to one of them. The association limit is shared
@@ -28,6 +29,8 @@ from pacsflow.dicom.transport import server_ssl_context
 from pacsflow_router.collector import Batch, Collector
 from pacsflow_router.receiver import TRANSFER_SYNTAXES, RouterHandler, SopClassFilter
 from pacsflow_router.routes import RouteTable
+from pacsflow.dicom.engine import AsyncStoreServer
+
 from pacsflow_router.scp import AssociationSlots, Limits, StoreServer
 
 __all__ = ["ReceiverConfig", "WorkerPool", "build_server"]
@@ -48,6 +51,8 @@ class ReceiverConfig:
     extra_sop_classes: tuple[str, ...]
     flush_seconds: float
     logging: LoggingSettings
+    #: dicom.engine: asyncio (one event loop per process) or lean (a thread per association)
+    engine: str = "asyncio"
 
 
 def build_server(
@@ -55,14 +60,15 @@ def build_server(
     listener: socket.socket,
     collector: Collector,
     slots: AssociationSlots,
-) -> tuple[StoreServer, RouteTable]:
-    """The SCP server for one process, and the route table it uses."""
+) -> tuple[StoreServer | AsyncStoreServer, RouteTable]:
+    """The SCP server for one process (of ``config.engine``), and the route table it uses."""
     table = RouteTable(
         config.routes,
         allowed_calling_aes=config.allowed_calling_aes,
         allowed_addresses=config.allowed_addresses,
     )
-    server = StoreServer(
+    server_class = AsyncStoreServer if config.engine == "asyncio" else StoreServer
+    server = server_class(
         RouterHandler(table, collector, fsync=config.fsync),
         listener,
         limits=config.limits,

@@ -1,6 +1,6 @@
 """Store sessions: one association to one destination, sending identified files with C-STORE.
 
-Two engines behind one interface (:class:`StoreConnection`):
+Three engines behind one interface (:class:`StoreConnection`):
 
 * :class:`LeanStoreSession` (default) speaks the Upper Layer itself on a plain socket: the
   command set and every data set fragment of a C-STORE go out in one vectored write straight
@@ -8,6 +8,9 @@ Two engines behind one interface (:class:`StoreConnection`):
   on the same thread. No reactor threads, no queues, no per-PDU objects: this is what takes
   a sender from pynetdicom's 0.1-0.25x of DCMTK's rate to DCMTK's own range (perf-notes,
   finding 6). It always sets TCP_NODELAY and sends PDUs as large as the peer accepts.
+* :class:`AsyncioStoreSession` runs the asyncio SCU of :mod:`pacsflow.dicom.engine` on an
+  event loop of its own, in the calling thread (no hand-off): the same one-write C-STORE,
+  with the engine's association set-up on pynetdicom's PDU classes.
 * :class:`PynetdicomStoreSession` wraps :class:`pacsflow.dicom.StoreSession` (pynetdicom with
   the shared module's fixes) for peers that need something the lean engine lacks.
 
@@ -20,6 +23,7 @@ files are in doubt when sent again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import select
@@ -30,7 +34,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pacsflow.config import Node
 from pacsflow.dicom.files import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -46,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_CONTEXTS",
+    "AsyncioStoreSession",
     "Engine",
     "LeanStoreSession",
     "PynetdicomStoreSession",
@@ -60,7 +65,7 @@ LOGGER = logging.getLogger(__name__)
 #: PS3.8 9.3.2.2: presentation context IDs are the odd numbers 1-255
 MAX_CONTEXTS = 128
 
-Engine = Literal["lean", "pynetdicom"]
+Engine = Literal["lean", "pynetdicom", "asyncio"]
 SendCategory = Literal["success", "warning", "failure", "refused", "error", "invalid"]
 
 # When the peer sets no PDU limit (0), data set fragments of this size go out.
@@ -433,6 +438,88 @@ class LeanStoreSession:
         return pdu_type, bytes(self._recv_exact(length))
 
 
+class AsyncioStoreSession:
+    """The engine's :class:`~pacsflow.dicom.engine.scu.AsyncStoreSession` behind StoreConnection."""
+
+    def __init__(
+        self, node: Node, options: NetworkOptions, presentations: Iterable[tuple[str, str]]
+    ) -> None:
+        from pacsflow.dicom.engine.scu import AsyncStoreSession
+
+        self.node = node
+        self.presentations = list(dict.fromkeys(presentations))
+        if not 0 < len(self.presentations) <= MAX_CONTEXTS:
+            raise ValueError(
+                f"{len(self.presentations)} presentations: an association takes 1 to "
+                f"{MAX_CONTEXTS}"
+            )
+        self._session = AsyncStoreSession(node, options, self.presentations)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _run(self, work: Any) -> Any:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(work)
+
+    def _close_loop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.close()
+
+    def open(self) -> None:
+        """Associate; raise AssociationRejected when no association can be made."""
+        try:
+            self._run(self._session.open())
+        except BaseException:
+            self._close_loop()
+            raise
+
+    @property
+    def is_open(self) -> bool:
+        """True while the association can carry requests."""
+        return self._session.is_open
+
+    def accepts(self, presentation: tuple[str, str]) -> bool:
+        """True when the peer accepted this (SOP class, transfer syntax) pair."""
+        return self._session.accepts(presentation)
+
+    def still_usable(self) -> bool:
+        """True when the peer has not ended the idle association meanwhile."""
+        return self._session.still_usable()
+
+    def send(self, file: IdentifiedFile) -> SendResult:
+        """C-STORE one file's encoded data set; never raises for a per-file problem."""
+        key = file.job.key
+        if not self._session.is_open:
+            return SendResult(
+                key, "error", error=f"no association with {self.node}", attempted=False
+            )
+        if not self._session.accepts(file.presentation):
+            return SendResult(
+                key, "refused", size=file.size,
+                error=f"{self.node} accepted no presentation context for SOP class "
+                f"{file.sop_class_uid} in transfer syntax {file.transfer_syntax_uid}",
+            )  # fmt: skip
+        started = time.perf_counter()
+        try:
+            with load_data_set(file) as data:
+                outcome = self._run(
+                    self._session.store(file.presentation, file.sop_instance_uid, data)
+                )
+        except InvalidDicom as err:
+            return SendResult(key, "invalid", error=err.reason, size=file.size)
+        return SendResult(
+            key, outcome.category, outcome.status, outcome.error,
+            time.perf_counter() - started, file.size, outcome.transmitted,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """Release the association (abort it when the release is not answered)."""
+        if self._loop is not None:
+            self._run(self._session.close())
+        self._close_loop()
+
+
 class PynetdicomStoreSession:
     """:class:`pacsflow.dicom.StoreSession` behind the :class:`StoreConnection` interface."""
 
@@ -519,6 +606,8 @@ def open_session(
     session: StoreConnection
     if engine == "lean":
         session = LeanStoreSession(node, options, presentations)
+    elif engine == "asyncio":
+        session = AsyncioStoreSession(node, options, presentations)
     else:
         session = PynetdicomStoreSession(node, options, presentations)
     session.open()

@@ -12,8 +12,10 @@ One module per layer:
   :func:`send_files`)
 * :mod:`~pacsflow.dicom.query`       C-FIND, C-MOVE, C-GET
 * :mod:`~pacsflow.dicom.scp`         :class:`StoreSCP` and :class:`ReceivedInstance`
+* :mod:`~pacsflow.dicom.engine`      the asyncio C-STORE/C-ECHO engine (SCP and SCU) of the hot
+  path, and the one wire module (PDUs, command sets) of every lean DICOM path
 
-Everything here is blocking; asyncio code calls it through ``asyncio.to_thread``. The
+Apart from the engine, everything here is blocking; asyncio code calls it through ``asyncio.to_thread``. The
 functions and :class:`StoreSCP` may be used from many threads, a :class:`StoreSession` from
 one at a time. Errors are :mod:`pacsflow.errors` types: ``AssociationRejected``
 (with :class:`RejectedByPeer` and :class:`NoAcceptedContexts`), ``DimseFailure``,

@@ -1,5 +1,6 @@
-"""The storage SCP server: listening, association policy, limits and the association loop.
+"""The blocking storage SCP server: the alternative to the asyncio one of :mod:`pacsflow.dicom.engine`.
 
+Its types (Limits, Rejection, StoreRequest, Handler, AssociationSlots) are the engine's.
 One thread per association, blocking sockets with deadlines, no queues between threads: a
 C-STORE is read, handed to :meth:`Handler.store` in the association's own thread, and
 answered with one ``sendall``. Limits that pynetdicom lacks are enforced here:
@@ -20,15 +21,24 @@ Every socket gets TCP_NODELAY; TLS (PS3.15 B.1) wraps the accepted socket.
 from __future__ import annotations
 
 import logging
-import multiprocessing.sharedctypes
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+from pacsflow.dicom.engine.scp import (
+    BAD_CONTEXT as _BAD_CONTEXT,
+    BAD_VERSION as _BAD_VERSION,
+    TOO_MANY as _TOO_MANY,
+    AssociationSlots,
+    Handler,
+    Limits,
+    Rejection,
+    StoreRequest,
+    listen_socket,
+)
 from pacsflow.dicom.scp import AssociationInfo
 from pacsflow.dicom.status import Status
 from pacsflow.dicom.transport import tcp_nodelay_on
@@ -60,113 +70,6 @@ _EXPLICIT_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 # Longest A-ASSOCIATE-RQ we read: 128 contexts with a dozen transfer syntaxes fit easily.
 _MAX_REQUEST_PDU = 1 << 20
 _RECV_BUFFER = 1 << 16
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """What one association may use: PDU size, time, memory."""
-
-    #: the largest P-DATA-TF PDU we accept, announced in the A-ASSOCIATE-AC
-    max_pdu: int = 262144
-    max_associations: int = 32
-    request_timeout: float = 10.0
-    idle_timeout: float = 60.0
-    pdu_timeout: float = 30.0
-    max_instance_bytes: int = 2 << 30
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """An A-ASSOCIATE-RJ (PS3.8 9.3.4) and a label for logs and metrics."""
-
-    result: int
-    source: int
-    reason: int
-    label: str
-
-    @classmethod
-    def called_ae_unknown(cls) -> Rejection:
-        return cls(1, 1, 7, "called-ae-unknown")
-
-    @classmethod
-    def calling_ae_not_allowed(cls) -> Rejection:
-        return cls(1, 1, 3, "calling-ae-not-allowed")
-
-    @classmethod
-    def address_not_allowed(cls) -> Rejection:
-        # No reason code names addresses; "no reason given" tells a scanner nothing extra.
-        return cls(1, 1, 1, "address-not-allowed")
-
-
-_TOO_MANY = Rejection(2, 3, 2, "too-many-associations")
-_BAD_VERSION = Rejection(1, 2, 2, "protocol-version-not-supported")
-_BAD_CONTEXT = Rejection(1, 1, 2, "application-context-not-supported")
-
-
-@dataclass(slots=True)
-class StoreRequest:
-    """One received C-STORE: its association, command, syntax and data set bytes."""
-
-    info: AssociationInfo
-    #: what :meth:`Handler.accept` returned for the association (the route)
-    target: Any
-    command: Command
-    transfer_syntax_uid: str
-    #: the encoded data set as received, or None when it was too large to keep
-    dataset: bytes | None
-    size: int
-    #: time.monotonic() when the request's first PDU arrived
-    started: float
-
-
-class Handler(Protocol):
-    """What the server asks of the application."""
-
-    def accept(self, info: AssociationInfo) -> Rejection | Any:
-        """A Rejection, or what identifies the association's target (its route)."""
-
-    def store(self, request: StoreRequest) -> int:
-        """Store one instance; the DIMSE status to answer."""
-
-    def association(self, info: AssociationInfo | None, outcome: str, reason: str) -> None:
-        """Called as associations are accepted, rejected, released or aborted (for metrics)."""
-
-
-class AssociationSlots:
-    """A counter of open associations; shared by worker processes when made with a Value."""
-
-    def __init__(
-        self, limit: int, shared: multiprocessing.sharedctypes.Synchronized[int] | None = None
-    ) -> None:
-        self.limit = limit
-        self._shared = shared
-        self._lock = threading.Lock()
-        self._local = 0
-
-    def acquire(self) -> bool:
-        if self._shared is not None:
-            with self._shared.get_lock():
-                if self._shared.value >= self.limit:
-                    return False
-                self._shared.value += 1
-                return True
-        with self._lock:
-            if self._local >= self.limit:
-                return False
-            self._local += 1
-            return True
-
-    def release(self) -> None:
-        if self._shared is not None:
-            with self._shared.get_lock():
-                self._shared.value -= 1
-            return
-        with self._lock:
-            self._local -= 1
-
-    @property
-    def in_use(self) -> int:
-        return self._shared.value if self._shared is not None else self._local
 
 
 class _Closed(Exception):
@@ -248,24 +151,6 @@ class _Connection:
     def send(self, data: bytes, timeout: float) -> None:
         self.sock.settimeout(timeout)
         self.sock.sendall(data)
-
-
-def listen_socket(
-    host: str, port: int, *, reuse_port: bool = False, backlog: int = 128
-) -> socket.socket:
-    """A listening TCP socket (SO_REUSEADDR; SO_REUSEPORT when asked)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class StoreServer:
