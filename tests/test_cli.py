@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pacsflow.cli import build_parser
 from pacsflow.config import SERVICES
 from tests.peers import StoreSCPProcess, free_port
 
@@ -134,7 +136,8 @@ class TestStateCommands:
     def test_bad_since(self, tmp_path: Path) -> None:
         config, _ = write_config(tmp_path)
         result = pacsflow("-c", str(config), "ledger", "list", "--since", "yesterdayish")
-        assert result.returncode == 1 and "--since" in result.stderr
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1 and "--since" in result.stderr
 
 
 @pytest.mark.dcmtk
@@ -145,6 +148,45 @@ class TestEcho:
             ok = pacsflow("echo", f"{node.ae_title}@127.0.0.1:{node.port}", "--count", "2")
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert ok.stdout.count("success in") == 2
-        closed = pacsflow("echo", f"NOBODY@127.0.0.1:{free_port()}")
-        assert closed.returncode == 1
-        assert "association failed" in closed.stdout
+        port = free_port()
+        closed = pacsflow("echo", f"NOBODY@127.0.0.1:{port}")
+        assert closed.returncode == 3
+        assert f"connection refused: nothing listens on 127.0.0.1:{port}" in closed.stdout
+        assert closed.stderr.count("\n") == 1 and "1 of 1 failed" in closed.stderr
+
+
+def _commands(
+    parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
+) -> list[tuple[str, ...]]:
+    found = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _commands(sub, (*prefix, name))
+    return found
+
+
+class TestEveryCommand:
+    def test_every_command_has_help(self, capsys: pytest.CaptureFixture[str]) -> None:
+        commands = _commands(build_parser())
+        assert ("config", "init") in commands and ("ledger",) in commands
+        for command in commands:
+            with pytest.raises(SystemExit) as exited:
+                build_parser().parse_args([*command, "--help"])
+            assert exited.value.code == 0, command
+            assert capsys.readouterr().out.startswith("usage: pacsflow"), command
+
+    def test_a_usage_error_is_one_line_and_exit_2(self) -> None:
+        result = pacsflow("ledger", "list", "--status", "lost")
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1
+        assert result.stderr.startswith("pacsflow: ledger: argument --status: invalid choice")
+
+    def test_an_unreachable_state_store_is_exit_3(self, tmp_path: Path) -> None:
+        config = tmp_path / "pacsflow.yaml"
+        config.write_text(f"state: {{backend: postgres, dsn: 'postgresql://nobody@127.0.0.1:"
+                          f"{free_port()}/none'}}\n")
+        result = pacsflow("-c", str(config), "ledger", "list")
+        assert result.returncode == 3
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith(
+            "pacsflow: state store: cannot connect to PostgreSQL")

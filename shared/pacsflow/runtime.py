@@ -21,7 +21,9 @@ from prometheus_client import CollectorRegistry, Gauge, Info
 import pacsflow
 from pacsflow.bus import EventBus, create_bus
 from pacsflow.config import SERVICES, Settings
+from pacsflow.errors import PacsflowError
 from pacsflow.events import Source
+from pacsflow.heartbeat import Heartbeat
 from pacsflow.http import HealthServer
 from pacsflow.logs import log_context
 from pacsflow.store import Database, open_database
@@ -133,12 +135,24 @@ async def run_services(
             ): name
             for name, main in mains.items()
         }
+        # Rows in the state store that `pacsflow status` reads, wherever this process runs.
+        heartbeat = Heartbeat(db, names, instance=settings.instance,
+                              http_port=health.bound_port, readiness=health.readiness)
+        beats = asyncio.create_task(
+            heartbeat.run(lambda: {name: not task.done() for task, name in tasks.items()}),
+            name="heartbeat",
+        )
         stopper = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)
         exit_code = 0
+        stop_reasons = dict.fromkeys(names, "asked to stop")
         for task in done:
             if task is stopper:
                 continue
+            stop_reasons[tasks[task]] = (
+                f"failed: {task.exception()}" if not task.cancelled() and task.exception()
+                else "ended on its own"
+            )
             # A service that returns or crashes on its own takes the process down, so a
             # supervisor (compose, Kubernetes) restarts it rather than leaving it half-alive.
             if task.cancelled():
@@ -153,5 +167,11 @@ async def run_services(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        beats.cancel()
+        await asyncio.gather(beats, return_exceptions=True)
+        try:
+            await heartbeat.stopped(stop_reasons)
+        except PacsflowError as err:
+            log.warning("could not record the stop in the state store: %s", err)
         log.info("stopped")
     return exit_code

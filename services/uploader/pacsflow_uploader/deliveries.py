@@ -34,7 +34,15 @@ from pacsflow.events import Event, ReadyFile, encode_event
 from pacsflow.store import Database, Ledger, Outcome, SeenFile
 from pacsflow.store.ledger import DeliveryStatus
 
-__all__ = ["Claim", "DeliveryQueue", "Scheduled", "Settlement", "owner_id", "owner_is_gone"]
+__all__ = [
+    "Claim",
+    "DeliveryQueue",
+    "Scheduled",
+    "Settlement",
+    "owner_id",
+    "owner_is_gone",
+    "requeue_failed",
+]
 
 # Parameters per statement, as in the ledger: a batch is a few statements, never one per row.
 _IDS_PER_STATEMENT = 1000
@@ -386,6 +394,51 @@ class DeliveryQueue:
                 f"DELETE FROM uploader_outbox WHERE id IN ({_placeholders(len(chunk), 1)})",
                 *chunk,
             )
+
+
+async def requeue_failed(
+    db: Database,
+    file_ids: Sequence[int],
+    *,
+    destination: str | None = None,
+    clock: Callable[[], float] = time.time,
+) -> list[tuple[int, str]]:
+    """Queue the failed deliveries of these failed files again, as new: (file, destination).
+
+    Deliveries that ``failed`` or were ``unsupported`` become ``pending`` with no attempts
+    and due now; their last error stays until the next outcome replaces it. Only files whose
+    status is ``failed`` are touched (one archived meanwhile is never sent again). A running
+    uploader finds them on its next look at the queue (within seconds).
+    """
+    requeued: list[tuple[int, str]] = []
+    for chunk in _chunks(sorted(set(file_ids))):
+        args: list[Any] = [clock(), *chunk]
+        only = ""
+        if destination is not None:
+            args.append(destination)
+            only = f" AND destination = ${len(args)}"
+        async with db.transaction() as tx:
+            rows = await tx.fetch(
+                "UPDATE ledger_deliveries SET status = 'pending', attempts = 0,"
+                " next_attempt_at = 0, in_doubt = 0, claimed_by = NULL, claimed_at = NULL,"
+                " updated_at = $1"
+                " WHERE status IN ('failed', 'unsupported')"
+                f" AND file_id IN (SELECT id FROM ledger_files"
+                f"  WHERE status = 'failed' AND id IN ({_placeholders(len(chunk), 2)})){only}"
+                " RETURNING file_id, destination, last_error",
+                *args,
+            )
+            if rows:
+                # The same values as outcomes, so the files' statuses follow (ready again).
+                await Ledger(tx, clock=clock).record_outcomes(
+                    [
+                        Outcome(r["file_id"], r["destination"], "pending",
+                                error=r["last_error"], attempts=0)
+                        for r in rows
+                    ]
+                )  # fmt: skip
+        requeued += [(int(r["file_id"]), str(r["destination"])) for r in rows]
+    return requeued
 
 
 def _stat_all(paths: Sequence[str]) -> list[tuple[int, float] | None]:

@@ -469,13 +469,14 @@ class Ledger:
     async def list_files(
         self,
         *,
-        status: FileStatus | None = None,
+        status: FileStatus | Sequence[FileStatus] | None = None,
         since: float | None = None,
         # (updated_at, id) of the last file of the previous page
         after: tuple[float, int] | None = None,
         limit: int = 1000,
     ) -> list[LedgerFile]:
-        """Files by last change, filtered by status and ``since``, from after the cursor."""
+        """Files by last change, filtered by status (one or several) and ``since``, from
+        after the cursor."""
         where, args = self._filter(status, since)
         if after is not None:
             args += [after[0], after[1]]
@@ -492,7 +493,7 @@ class Ledger:
     async def iter_files(
         self,
         *,
-        status: FileStatus | None = None,
+        status: FileStatus | Sequence[FileStatus] | None = None,
         since: float | None = None,
         page_size: int = 1000,
     ) -> AsyncIterator[LedgerFile]:
@@ -520,7 +521,8 @@ class Ledger:
         return counts
 
     async def count_files(
-        self, *, status: FileStatus | None = None, since: float | None = None
+        self, *, status: FileStatus | Sequence[FileStatus] | None = None,
+        since: float | None = None,
     ) -> int:
         """How many files have this status (any when None), changed at or after ``since``."""
         where, args = self._filter(status, since)
@@ -533,13 +535,21 @@ class Ledger:
         )
 
     @staticmethod
-    def _filter(status: str | None, since: float | None) -> tuple[list[str], list[Any]]:
+    def _filter(
+        status: str | Sequence[str] | None, since: float | None
+    ) -> tuple[list[str], list[Any]]:
         where: list[str] = []
         args: list[Any] = []
         if status is not None:
-            _check_status(status, FILE_STATUSES, "file")
-            args.append(status)
-            where.append(f"status = ${len(args)}")
+            # One status, or several (``sent`` and ``archived``: every file that was sent).
+            wanted = [status] if isinstance(status, str) else list(dict.fromkeys(status))
+            if not wanted:
+                raise ValueError("no file status given")
+            for one in wanted:
+                _check_status(one, FILE_STATUSES, "file")
+            first = len(args) + 1
+            args += wanted
+            where.append(f"status IN ({_placeholders(len(wanted), first)})")
         if since is not None:
             args.append(float(since))
             where.append(f"updated_at >= ${len(args)}")
