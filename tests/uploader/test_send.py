@@ -37,10 +37,13 @@ def folder(tmp_path: Path, pydicom_test_files: Path) -> Path:
     return root
 
 
-def test_folder_is_sent_with_progress_and_summary(folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["lean", "asyncio", "pynetdicom"])
+def test_folder_is_sent_with_progress_and_summary(
+    folder: Path, tmp_path: Path, engine: str
+) -> None:
     with Storescp(tmp_path / "pacs") as pacs:
         result = pacsflow("send", str(folder), "--to", f"STORESCP@127.0.0.1:{pacs.port}",
-                          "--associations", "2")
+                          "--associations", "2", "--engine", engine)
         received = pacs.uids()
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()

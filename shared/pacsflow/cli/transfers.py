@@ -66,7 +66,7 @@ def add_send_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
                       help="associations per destination (default: uploader.associations)")
     send.add_argument("--processes", type=int, metavar="N",
                       help="sender processes (default: one per core, 0: this process)")
-    send.add_argument("--engine", choices=["lean", "pynetdicom"],
+    send.add_argument("--engine", choices=["lean", "asyncio", "pynetdicom"],
                       help="C-STORE implementation (default: uploader.engine)")
     send.set_defaults(func=cmd_send)
 
