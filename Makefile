@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 COMPOSE_VERSIONS := 2.20.3 2.40.3
 COMPOSE_BINARIES := $(foreach v,$(COMPOSE_VERSIONS),.tools/compose-$(v)/compose/docker-compose)
 
-.PHONY: install run test test-peers tools bench clean
+.PHONY: install run test test-peers tools bench profile memory soak clean
 
 $(BIN)/pacsflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +32,23 @@ test-peers: ## install and start DCMTK, Orthanc, RabbitMQ and PostgreSQL
 test: install tools test-peers ## the whole test suite against real peers
 	$(BIN)/pytest -q -p no:cacheprovider
 
-bench: install test-peers ## DCMTK against the uploader and the router on this machine (minutes)
-	$(BIN)/python -m bench.uploader
-	$(BIN)/python -m bench.router
+BENCH_ARGS ?=
+
+bench: install test-peers ## pacsflow against DCMTK and Orthanc, every path (minutes; bench-results/)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+profile: install test-peers ## py-spy profiles of the services during one end-to-end run
+	$(BIN)/python -m bench --datasets small --rounds 1 --paths e2e send --profile py-spy $(BENCH_ARGS)
+
+memory: install test-peers ## RSS of each service while 100,000 small files go through
+	$(BIN)/python -m bench.memory $(BENCH_ARGS)
+
+# The fault soaks at full size (CI runs them with fewer files): 10,000 files through watcher
+# and uploader while brokers, database, PACS and services are restarted and killed.
+SOAK_FILES ?= 10000
+soak: install test-peers ## the fault soaks with 10,000 files (minutes)
+	PACSFLOW_SOAK_FILES=$(SOAK_FILES) $(BIN)/pytest -q -s -p no:cacheprovider \
+		tests/reliability/test_fault_soak.py tests/reliability/test_router_soak.py
 
 clean:
 	rm -rf $(VENV) .tools data build *.egg-info

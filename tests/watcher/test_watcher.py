@@ -212,3 +212,27 @@ class TestArchive:
         assert moved.relative_to(rig.archive).parts[1:] == ("#9-Z", "s", paths[0].name)
         counts = await rig.ledger.count_by_status()
         assert counts.get("archived") == 2
+
+    async def test_file_sent_events_waiting_together_share_one_archive_pass(
+        self, rig: Rig
+    ) -> None:
+        paths = write_ct_series(rig.inbox / "#10-Y", 6)
+        await rig.start()
+        await rig.wait_for(6)
+        rows = {Path(f.path).name: f for f in await rig.ledger.list_files(status="ready")}
+        ids = [rows[p.name].id for p in paths]
+        await rig.ledger.add_deliveries(ids, ["pacs"])
+        event = FileSent(source=SOURCE, payload=FileOutcomePayload(files=[
+            FileOutcome(path=str(paths[0]), sop_instance_uid="x", destination="pacs", status=0)
+        ]))
+        watcher = rig.watcher
+        async with watcher._archive_lock:  # noqa: SLF001 - a pass is running meanwhile
+            first = asyncio.create_task(watcher._on_file_sent(event))  # noqa: SLF001
+            await asyncio.sleep(0.05)
+            await rig.ledger.record_outcomes([Outcome(i, "pacs", "sent", 0) for i in ids])
+            # The first is still waiting: the second's outcomes are left to its pass.
+            await asyncio.wait_for(watcher._on_file_sent(event), 1)  # noqa: SLF001
+            assert not first.done()
+        assert await asyncio.wait_for(first, 10) is None
+        assert sorted(p.name for p in rig.archive.rglob("*.dcm")) == sorted(p.name for p in paths)
+        assert (await rig.ledger.count_by_status()).get("archived") == 6

@@ -73,7 +73,16 @@ def newest_change(unit: Path) -> float | None:
 
 def files_open_for_writing(paths: Iterable[Path]) -> set[Path]:
     """Those of ``paths`` that some process holds open for writing (from /proc; best effort)."""
-    wanted = {os.path.realpath(p) for p in paths}
+    # realpath walks every component: once per folder, not once per file (a symlinked file
+    # is resolved on its own).
+    folders: dict[str, str] = {}
+    wanted: set[str] = set()
+    for p in paths:
+        folder, name = os.path.split(os.fspath(p))
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        joined = os.path.join(folders[folder], name)
+        wanted.add(os.path.realpath(joined) if os.path.islink(joined) else joined)
     if not wanted:
         return set()
     busy: set[Path] = set()

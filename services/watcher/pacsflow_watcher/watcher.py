@@ -10,6 +10,10 @@ For each import unit that has been quiet for the debounce time (see :mod:`.folde
    with its reason in the ledger; DICOMDIR files go to the archive with the rest of the medium;
 5. emit ``file-ready`` in batches for the files still waiting to be sent.
 
+Steps 2 to 5 run on one batch (``batch_size`` files) at a time: the uploader sends the first
+batch while the watcher validates the next, and each batch costs one ledger transaction and
+one confirmed publish.
+
 On ``file-sent`` (and on a timer, which also catches up after a crash) files that every
 destination confirmed are moved to ``<archive>/<yyyymmdd_hhmmss>/<path in the import folder>``
 and emptied folders are removed. A file is never archived or deleted before that.
@@ -33,7 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pacsflow.bus import EventBus
 from pacsflow.config import WatcherSettings
-from pacsflow.errors import InvalidDicom
+from pacsflow.errors import BusError, InvalidDicom, StoreError
 from pacsflow.events import FileReady, FileReadyPayload, ReadyFile, Source
 from pacsflow.store.ledger import Ledger, LedgerFile, SeenFile
 from pacsflow.topology import CONSUMES
@@ -144,6 +148,9 @@ class Watcher:
         self._first_change: dict[Path, float] = {}
         self._pattern = re.compile(settings.rename_pattern) if settings.rename_pattern else None
         self._archive_lock = asyncio.Lock()
+        # Set while a file-sent pass waits for the lock: later file-sent events need no pass
+        # of their own.
+        self._archive_waiting: object | None = None
         self._wake = asyncio.Event()
 
     # --- the loop -----------------------------------------------------------------------
@@ -208,6 +215,14 @@ class Watcher:
                 self.metrics.errors.labels(stage="unit").inc()
                 self.tracker.touch(unit, self.clock())
                 continue
+            except (StoreError, BusError) as err:
+                # The state store or the bus is down (a restart): the unit is handled again
+                # after another quiet period; what was recorded or announced is not repeated.
+                log.error("state store or event bus unavailable while handling %s: %s",
+                          unit, err)
+                self.metrics.errors.labels(stage="unit").inc()
+                self.tracker.touch(unit, self.clock())
+                continue
             if done:
                 self.tracker.forget(unit)
                 first = self._first_change.pop(unit, started)
@@ -241,6 +256,17 @@ class Watcher:
 
         stamp = datetime.fromtimestamp(self.clock()).strftime(_STAMP_FORMAT)
         batch_key = f"{unit.name}@{stamp}"
+        # One event's worth of files at a time: the uploader sends the first batch while the
+        # rest is still being validated, and each batch costs one ledger transaction and one
+        # confirmed publish.
+        size = self.settings.batch_size
+        for start in range(0, len(files), size):
+            await self._handle_files(files[start:start + size], identity, stamp, batch_key)
+        return True
+
+    async def _handle_files(self, files: Sequence[Path], identity: PatientIdentity | None,
+                            stamp: str, batch_key: str) -> None:  # fmt: skip
+        """Validate, record and announce files of one unit (or move them aside)."""
         checked = await asyncio.to_thread(self._check_files, files, identity)
         recorded = await self.ledger.record_seen([
             SeenFile(
@@ -281,7 +307,6 @@ class Watcher:
         to_announce = await self._drop_duplicates(candidates, stamp)
         await self._announce(to_announce, batch_key)
         self.metrics.files.labels(outcome="dicomdir").inc(len(dicomdirs))
-        return True
 
     def _check_files(
         self, files: Sequence[Path], identity: PatientIdentity | None
@@ -435,7 +460,18 @@ class Watcher:
     # --- archiving -----------------------------------------------------------------------
 
     async def _on_file_sent(self, _event: object) -> None:
-        await self.archive_confirmed()
+        # A pass that has not begun yet reads the ledger after this event's outcomes were
+        # committed (the uploader commits before it publishes): it archives them too, so one
+        # waiting pass serves every file-sent that arrives meanwhile.
+        # (A crash before that pass runs is caught up by the timer's pass at start.)
+        if self._archive_waiting is not None:
+            return
+        token = self._archive_waiting = object()
+        try:
+            await self.archive_confirmed()
+        finally:
+            if self._archive_waiting is token:  # cancelled before the pass began
+                self._archive_waiting = None
 
     async def _archive_periodically(self) -> None:
         while True:
@@ -452,6 +488,7 @@ class Watcher:
         """Move every file all destinations confirmed to the archive; how many were moved."""
         total = 0
         async with self._archive_lock:
+            self._archive_waiting = None
             while True:
                 confirmed = await self.ledger.list_confirmed(limit=500)
                 if not confirmed:
@@ -465,21 +502,29 @@ class Watcher:
     async def _archive_files(self, files: Sequence[LedgerFile], *, count: bool = True) -> int:
         if not files:
             return 0
-        archived: dict[int, str | None] = {}
-        for row in files:
-            path = Path(row.path)
-            stamp = (row.batch_key or "").rpartition("@")[2] or datetime.fromtimestamp(
-                self.clock()).strftime(_STAMP_FORMAT)
-            try:
-                target = self._target(self.settings.archive_folder, path, stamp)
-                archived[row.id] = str(await asyncio.to_thread(_move, path, target))
-            except FileNotFoundError:
-                # Moved before a crash (the target is there) or removed by someone else.
-                log.warning("confirmed file %s is no longer in the import folder", path)
-                archived[row.id] = None
-            except (OSError, AssertionError) as err:
-                log.error("cannot archive %s: %s", path, err)
-                self.metrics.errors.labels(stage="archive").inc()
+        now = datetime.fromtimestamp(self.clock()).strftime(_STAMP_FORMAT)
+        targets = [
+            (row, Path(row.path), (row.batch_key or "").rpartition("@")[2] or now)
+            for row in files
+        ]
+
+        def move_all() -> dict[int, str | None]:
+            # One worker-thread hand-off for the whole batch, not one per file.
+            archived: dict[int, str | None] = {}
+            for row, path, stamp in targets:
+                try:
+                    target = self._target(self.settings.archive_folder, path, stamp)
+                    archived[row.id] = str(_move(path, target))
+                except FileNotFoundError:
+                    # Moved before a crash (the target is there) or removed by someone else.
+                    log.warning("confirmed file %s is no longer in the import folder", path)
+                    archived[row.id] = None
+                except (OSError, AssertionError) as err:
+                    log.error("cannot archive %s: %s", path, err)
+                    self.metrics.errors.labels(stage="archive").inc()
+            return archived
+
+        archived = await asyncio.to_thread(move_all)
         await self.ledger.mark_archived(archived)
         if count:
             self.metrics.archived.inc(len(archived))
