@@ -40,6 +40,7 @@ from bench.datasets import DATASETS, write_series
 from bench.paths import PATHS, BenchData, RunResult, Setup, Target
 from bench.profiles import hot_spots
 from bench.support import ENV, ProcessMonitor, free_port, run_tool, tool
+from pacsflow_uploader.uploader import default_associations, default_processes
 
 #: Targets of the project, ratio to the reference (large, small); "pipeline" is a ceiling.
 TARGETS: dict[str, tuple[float, float]] = {
@@ -96,10 +97,13 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         help="where the temporary folder goes (default: memory, so disk write-back of one run "
         "does not slow the next)",
     )  # fmt: skip
-    parser.add_argument("--associations", type=int, default=1,
+    # The uploader's own defaults (uploader.associations: 0, uploader.processes: unset), so
+    # the table shows what an installation gets without tuning.
+    parser.add_argument("--associations", type=int, default=default_associations(),
                         help="associations of the uploader and of pacsflow send")
-    parser.add_argument("--sender-processes", type=int, default=1,
-                        help="sender processes of the uploader and of pacsflow send")
+    parser.add_argument("--sender-processes", type=int, default=None,
+                        help="sender processes of the uploader and of pacsflow send "
+                        "(default: the uploader's, one per core up to one per association)")
     parser.add_argument("--router-processes", type=int, default=1, help="router.processes")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
     parser.add_argument("--profile", choices=["py-spy"], default=None,
@@ -300,6 +304,8 @@ def _print_table(summary: dict[str, Any]) -> None:
 
 
 async def _bench(args: argparse.Namespace) -> dict[str, Any]:
+    if args.sender_processes is None:
+        args.sender_processes = default_processes(args.associations)
     setup = Setup(
         associations=args.associations, sender_processes=args.sender_processes,
         router_processes=args.router_processes, timeout=args.timeout,
