@@ -28,7 +28,7 @@ from pacsflow.store import Row
 from pacsflow_router.metrics import RouterMetrics
 from pacsflow_router.studies import Claim, StudyStore
 
-__all__ = ["Completer", "count_files"]
+__all__ = ["Completer", "count_files", "remove_stale_temporaries"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,32 @@ def count_files(folders: Iterable[str]) -> int:
         except FileNotFoundError:
             continue  # removed by an operator: what is left is what counts
     return total
+
+
+def remove_stale_temporaries(folders: Iterable[str], older_than: float) -> int:
+    """Remove temporary files (``.<name>.part``) last written before ``older_than`` from
+    these series folders; how many. A write in progress renews its file's time; one left
+    behind by a killed process never completes."""
+    removed = 0
+    for folder in folders:
+        try:
+            with os.scandir(folder) as entries:
+                stale = [
+                    entry.path
+                    for entry in entries
+                    if entry.name.startswith(".") and entry.name.endswith(".part")
+                    and entry.is_file(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_mtime < older_than
+                ]  # fmt: skip
+        except FileNotFoundError:
+            continue
+        for path in stale:
+            try:
+                os.unlink(path)
+                removed += 1
+            except FileNotFoundError:
+                continue
+    return removed
 
 
 def _time(epoch: float) -> datetime:
@@ -95,6 +121,17 @@ class Completer:
 
     async def _complete(self, row: Row) -> bool:
         folders = await self.store.series_folders(row["route"], row["study_uid"])
+        if folders:
+            # The study has been quiet this long: a temporary file as old is a write that a
+            # crash interrupted (the instance was never acknowledged).
+            removed = await asyncio.to_thread(
+                remove_stale_temporaries, folders, self.clock() - self.quiet_seconds
+            )
+            if removed:
+                log.warning(
+                    "study %s on route %s: removed %d temporary file(s) of writes interrupted"
+                    " by a crash", row["study_uid"], row["route"], removed,
+                )  # fmt: skip
         files = await asyncio.to_thread(count_files, folders) if folders else 0
         if files == 0:
             # Nothing on disk (folders removed): report what the receivers saw.
