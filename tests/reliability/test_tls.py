@@ -203,6 +203,10 @@ async def test_uploader_sends_over_tls_and_is_refused_with_an_untrusted_certific
                                 and "no association with TLSPACS" in str(r.get("message"))
                                 for r in log_records(services[0].log)),
                     60, "the refusal logged by the uploader", alive=services)  # fmt: skip
+                refusal = next(str(r.get("message")) for r in log_records(services[0].log)
+                               if "no association with TLSPACS" in str(r.get("message")))
+                # It says what failed: the TLS handshake (not a misread error number).
+                assert "tls" in refusal.lower() and "exec format" not in refusal, refusal
                 assert pacs.count() == 0
                 assert len(list((tmp_path / "inbox").rglob("*.dcm"))) == 10  # kept, not lost
             for service in services:

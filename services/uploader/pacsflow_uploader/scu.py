@@ -617,6 +617,9 @@ def open_session(
 def _reason(err: BaseException) -> str:
     if isinstance(err, socket.timeout | TimeoutError):
         return "timed out"
+    if isinstance(err, ssl.SSLError):
+        # Its errno is an OpenSSL error code (8: SSL_ERROR_EOF), not an errno.
+        return f"TLS: {err.reason or err.strerror or type(err).__name__}".lower()
     if isinstance(err, OSError) and err.errno is not None:
         return os.strerror(err.errno).lower()
     return str(err) or type(err).__name__

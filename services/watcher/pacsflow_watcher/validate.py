@@ -10,10 +10,10 @@ instance and a Windows or Linux program), and DICOMDIR files recognised and set 
 index a medium, they are not images).
 
 Import folders hold whatever a CD or a user put there, so nothing a file declares is
-trusted before it is checked against the file: file meta lengths must fit the file before the
-meta is parsed (a declared 4 GiB value would otherwise be allocated), a deflated data set may
-inflate to :data:`MAX_INFLATED_BYTES` at most, and anything the header reader raises on a
-damaged file (deep recursion included) makes the file invalid rather than failing its folder.
+trusted before it is checked against the file: :func:`~pacsflow.dicom.read_part10` checks file
+meta lengths against the file before parsing them, caps inflation of a deflated data set at
+:data:`~pacsflow.dicom.files.MAX_INFLATED_BYTES` and the nesting of sequences; anything else a
+reader raises on a damaged file makes the file invalid rather than failing its folder.
 """
 
 from __future__ import annotations
@@ -22,20 +22,18 @@ import logging
 import math
 import re
 import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 from pacsflow.dicom import PartTenFile, read_part10
+from pacsflow.dicom.files import MAX_INFLATED_BYTES
 from pacsflow.errors import InvalidDicom
 
 __all__ = ["CheckedFile", "MAX_INFLATED_BYTES", "Verdict", "validate_file"]
 
 log = logging.getLogger(__name__)
 
-#: a deflated data set inflating beyond this is refused (a decompression bomb)
-MAX_INFLATED_BYTES = 1 << 30
 
 # Media Storage Directory Storage: a DICOMDIR (PS3.10 8.6). Recognised in the file meta, which
 # comes first and is short, before the data set walk (a DICOMDIR has no SOP Instance UID).
@@ -43,9 +41,6 @@ _DICOMDIR_CLASS = re.compile(rb"1\.2\.840\.10008\.1\.3\.10(?![0-9.])")
 # Executable headers seen in DICOM preambles: PE (MZ), ELF, Mach-O.
 _EXECUTABLE_MAGIC = (b"MZ", b"\x7fELF", b"\xcf\xfa\xed\xfe", b"\xce\xfa\xed\xfe", b"\xca\xfe\xba\xbe")
 _DEFLATED = "1.2.840.10008.1.2.1.99"
-_LONG_HEADER_VRS = frozenset(
-    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
-)
 _BIG_ENDIAN = "1.2.840.10008.1.2.2"
 _NATIVE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", _BIG_ENDIAN)
 
@@ -96,9 +91,6 @@ def validate_file(path: Path) -> Verdict:
             return _invalid("executable code in the preamble (CVE-2019-11687)")
         if path.name.upper() == "DICOMDIR" or (has_preamble and _DICOMDIR_CLASS.search(head)):
             return Verdict("dicomdir", "DICOMDIR (a media index, not an image)")
-        problem = _file_meta_problem(fp, head, has_preamble)
-        if problem:
-            return _invalid(problem)
         try:
             part = read_part10(path, extra_tags=_IMAGE_TAGS)
         except InvalidDicom as err:
@@ -126,59 +118,6 @@ def validate_file(path: Path) -> Verdict:
         patient_id=_text(extra.get(_PATIENT_ID)),
         patient_name=_text(extra.get(_PATIENT_NAME)),
     ))
-
-
-def _file_meta_problem(fp: BinaryIO, head: bytes, has_preamble: bool) -> str:
-    """A reason when a file meta element (group 0002, explicit VR little endian) declares
-    more bytes than the file holds, or a deflated data set inflates too far; else ''."""
-    size = fp.seek(0, 2)
-    position = 132 if has_preamble else 0
-    deflated = False
-    for _ in range(1000):  # a file meta group has a dozen elements
-        fp.seek(position)
-        header = fp.read(12)
-        if len(header) < 8:
-            break  # truncated: read_part10 says so
-        group, element = struct.unpack("<HH", header[:4])
-        if group != 0x0002:
-            break
-        vr = header[4:6]
-        if vr in _LONG_HEADER_VRS:
-            if len(header) < 12:
-                break
-            header_length, length = 12, struct.unpack("<I", header[8:12])[0]
-        else:
-            header_length, length = 8, struct.unpack("<H", header[6:8])[0]
-        if length == 0xFFFFFFFF:
-            return f"damaged file meta: element (0002,{element:04X}) has an undefined length"
-        left = size - position - header_length
-        if length > left:
-            return (f"damaged file meta: element (0002,{element:04X}) declares {length} bytes,"
-                    f" the file has {max(left, 0)} left")
-        if element == 0x0010:
-            fp.seek(position + header_length)
-            deflated = fp.read(length).rstrip(b"\x00 ") == _DEFLATED.encode()
-        position += header_length + length
-    if deflated:
-        fp.seek(position)
-        return _inflation_problem(fp)
-    return ""
-
-
-def _inflation_problem(fp: BinaryIO) -> str:
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total = 0
-    try:
-        while chunk := fp.read(1 << 20):
-            while chunk:
-                total += len(inflater.decompress(chunk, 1 << 22))
-                if total > MAX_INFLATED_BYTES:
-                    return (f"the deflated data set inflates beyond {MAX_INFLATED_BYTES} bytes"
-                            " (a decompression bomb?)")
-                chunk = inflater.unconsumed_tail
-    except zlib.error:
-        return ""  # damaged: read_part10 names the error
-    return ""
 
 
 def _text(raw: bytes | None) -> str:

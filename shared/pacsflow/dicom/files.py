@@ -32,6 +32,8 @@ from pydicom.uid import (
 from pacsflow.errors import InvalidDicom
 
 __all__ = [
+    "MAX_INFLATED_BYTES",
+    "MAX_SEQUENCE_DEPTH",
     "IMPLEMENTATION_CLASS_UID",
     "IMPLEMENTATION_VERSION_NAME",
     "PartTenFile",
@@ -46,6 +48,10 @@ __all__ = [
 IMPLEMENTATION_CLASS_UID = "2.25." + str(uuid.UUID("6f1d5e0c-3a52-4b8e-9a3c-7c1b2e6d4f10").int)
 #: at most 16 characters (PS3.7 D.3.3.2)
 IMPLEMENTATION_VERSION_NAME = "PACSFLOW_010"
+#: a deflated data set inflating beyond this is refused (a decompression bomb)
+MAX_INFLATED_BYTES = 1 << 30
+#: sequences nested deeper are refused; real objects nest a handful of levels
+MAX_SEQUENCE_DEPTH = 64
 
 _SOP_CLASS_UID = 0x00080016
 _SOP_INSTANCE_UID = 0x00080018
@@ -211,7 +217,7 @@ class _ElementWalker:
             if tag >= _FIRST_PIXEL_TAG:
                 return found, (start, header_length, length)
             if length == _UNDEFINED_LENGTH:
-                self._skip_sequence(implicit=self.is_implicit_vr or vr == b"UN")
+                self._skip_sequence(implicit=self.is_implicit_vr or vr == b"UN", depth=1)
             elif tag in wanted:
                 value = self.fp.read(length)
                 if len(value) < length:
@@ -220,8 +226,10 @@ class _ElementWalker:
             else:
                 self.fp.seek(length, 1)
 
-    def _skip_sequence(self, implicit: bool) -> None:
+    def _skip_sequence(self, implicit: bool, depth: int) -> None:
         # An undefined-length UN element holds an implicit VR little endian sequence (PS3.5 6.2.2).
+        if depth > MAX_SEQUENCE_DEPTH:
+            raise InvalidDicom(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
         while True:
             header = self._header(implicit=True)
             if header is None:
@@ -233,11 +241,11 @@ class _ElementWalker:
                 where = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
                 raise InvalidDicom(f"damaged sequence: element {where} where an item belongs")
             if length == _UNDEFINED_LENGTH:
-                self._skip_item(implicit)
+                self._skip_item(implicit, depth)
             else:
                 self.fp.seek(length, 1)
 
-    def _skip_item(self, implicit: bool) -> None:
+    def _skip_item(self, implicit: bool, depth: int) -> None:
         while True:
             header = self._header(implicit)
             if header is None:
@@ -246,7 +254,7 @@ class _ElementWalker:
             if tag == _ITEM_DELIMITER:
                 return
             if length == _UNDEFINED_LENGTH:
-                self._skip_sequence(implicit=implicit or vr == b"UN")
+                self._skip_sequence(implicit=implicit or vr == b"UN", depth=depth + 1)
             else:
                 self.fp.seek(length, 1)
 
@@ -297,6 +305,59 @@ def _not_group_0002(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag >> 16 != 2
 
 
+def _check_file_meta_lengths(fp: BinaryIO, start: int, size: int) -> None:
+    """Refuse a file meta element (explicit VR little endian, PS3.10 7.1) that declares more
+    bytes than the file holds, before pydicom reads it: it would allocate what is declared."""
+    position = start
+    for _ in range(1000):  # a file meta group has a dozen elements
+        fp.seek(position)
+        header = fp.read(12)
+        if len(header) < 8:
+            return  # truncated: parsing the meta says so
+        group, element = struct.unpack("<HH", header[:4])
+        if group != 0x0002:
+            return
+        if header[4:6] in _LONG_HEADER_VR_BYTES:
+            if len(header) < 12:
+                return
+            header_length, length = 12, struct.unpack("<I", header[8:12])[0]
+        else:
+            header_length, length = 8, struct.unpack("<H", header[6:8])[0]
+        if length == _UNDEFINED_LENGTH:
+            raise InvalidDicom(f"damaged file meta: element (0002,{element:04X}) has an undefined length")
+        left = size - position - header_length
+        if length > left:
+            raise InvalidDicom(
+                f"damaged file meta: element (0002,{element:04X}) declares {length} bytes,"
+                f" the file has {max(left, 0)} left"
+            )
+        position += header_length + length
+
+
+def _inflate(fp: BinaryIO) -> bytes:
+    """A deflated data set (PS3.5 A.5), refused when it would inflate beyond
+    :data:`MAX_INFLATED_BYTES` (a decompression bomb) instead of filling memory."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    parts: list[bytes] = []
+    total = 0
+    try:
+        while chunk := fp.read(1 << 20):
+            while chunk:
+                part = inflater.decompress(chunk, 1 << 22)
+                total += len(part)
+                if total > MAX_INFLATED_BYTES:
+                    raise InvalidDicom(
+                        f"the deflated data set inflates beyond {MAX_INFLATED_BYTES} bytes"
+                        " (a decompression bomb?)"
+                    )
+                parts.append(part)
+                chunk = inflater.unconsumed_tail
+        parts.append(inflater.flush())
+    except zlib.error as err:
+        raise InvalidDicom(f"damaged deflated data set: {err}") from err
+    return b"".join(parts)
+
+
 def read_part10(
     path: str | os.PathLike[str], *, extra_tags: frozenset[int] = frozenset()
 ) -> PartTenFile:
@@ -324,6 +385,7 @@ def read_part10(
         else:
             raise InvalidDicom("not DICOM: no DICM prefix and no DICOM element at the start")
 
+        _check_file_meta_lengths(fp, meta_start, size)
         fp.seek(meta_start)
         try:
             meta = read_dataset(
@@ -347,10 +409,7 @@ def read_part10(
         stream: BinaryIO = fp
         stream_size = size
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
-            try:
-                inflated = zlib.decompress(fp.read(), -zlib.MAX_WBITS)
-            except zlib.error as err:
-                raise InvalidDicom(f"damaged deflated data set: {err}") from err
+            inflated = _inflate(fp)
             stream, stream_size = BytesIO(inflated), len(inflated)
             first_bytes = inflated[:8]
 
