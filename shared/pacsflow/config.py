@@ -173,6 +173,21 @@ class HttpSettings(_Section):
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
+    # Folder names matching this pattern carry a patient's name in its second group (as
+    # '#12345-HongGildong' does): above DEBUG, log lines show it as '***'. Unset: the
+    # watcher's rename_pattern.
+    redact_folder_pattern: str | None = None
+
+    @field_validator("redact_folder_pattern")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                if re.compile(pattern).groups < 2:
+                    raise ValueError("needs two groups: PatientID and PatientName")
+            except re.error as err:
+                raise ValueError(f"not a regular expression: {err}") from err
+        return pattern
 
 
 class WatcherSettings(_Section):
@@ -735,6 +750,13 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment overrides the YAML file (passed as init values); secret files last.
         return env_settings, init_settings, NestedSecretsSettingsSource(file_secret_settings)
+
+    @model_validator(mode="after")
+    def _redact_what_the_watcher_reads(self) -> Settings:
+        # The folder names that give a patient's identity are the ones to keep out of logs.
+        if self.logging.redact_folder_pattern is None and self.watcher.rename_pattern:
+            self.logging.redact_folder_pattern = self.watcher.rename_pattern
+        return self
 
     @model_validator(mode="after")
     def _engine_for_senders(self) -> Settings:

@@ -162,3 +162,34 @@ notifier:
     assert "cannot connect to PostgreSQL" in text and "RabbitMQ" in text  # both were tried
     leaked = [secret for secret in SECRETS if secret in text]
     assert not leaked, f"secrets printed: {leaked}\n{text[-3000:]}"
+
+
+async def test_names_in_import_folder_names_are_masked_at_info(tmp_path: Path) -> None:
+    """'#1004-GildongHong' names the patient: the watcher writes it into the headers, and no
+    INFO line shows it, though the paths of its files are logged (invalid, duplicate)."""
+    port = free_port()
+    config = _config(tmp_path, "INFO", port)
+    config.write_text(config.read_text().replace(
+        "watcher:\n", "watcher:\n  rename_pattern: '^#([0-9]+)-([#^A-Za-z0-9]+)$'\n"))
+    staging = tmp_path / "staging" / "#1004-GildongHong"
+    good = _named_series(staging / "a", "Anonymous", 4)
+    (staging / "a" / "cut.dcm").write_bytes(good[0].read_bytes()[:400])
+    services = tuple(ServiceProcess(config, name).start()
+                     for name in ("router-scp", "uploader", "watcher"))  # fmt: skip
+    try:
+        await wait_until(lambda: all(s.ready() for s in services), 60, "services ready",
+                         alive=services)  # fmt: skip
+        (tmp_path / "inbox").mkdir(exist_ok=True)
+        shutil.move(staging, tmp_path / "inbox" / staging.name)
+        await wait_until(lambda: len(files_under(tmp_path / "storage")) >= 4, 60,
+                         "every instance at the router", alive=services)  # fmt: skip
+        for service in services:
+            assert service.stop() == 0, service.tail()
+    finally:
+        for service in services:
+            service.stop()
+    stored = [pydicom.dcmread(p, stop_before_pixels=True) for p in files_under(tmp_path / "storage")]
+    assert {str(ds.PatientName) for ds in stored} == {"GildongHong"}  # the name went through
+    logs = _all_text(tmp_path)
+    assert "#1004-***" in logs and "cut.dcm" in logs  # its paths were logged, masked
+    assert "GildongHong" not in logs
