@@ -36,6 +36,7 @@ from pacsflow.events import (
     PatientCompletePayload,
     Source,
 )
+from pacsflow.routes import routes_from_settings
 from pacsflow.store import Database
 from prometheus_client import CollectorRegistry
 
@@ -77,12 +78,7 @@ def storage_root(settings: Settings) -> Path:
         if harvester.method == "move"
         else settings.router.ae_title
     )
-    routes = settings.router.routes
-    if settings.router.routes_file is not None:
-        from pacsflow_router.routes import load_routes_file
-
-        routes = load_routes_file(settings.router.routes_file)
-    route = routes.get(title)
+    route = routes_from_settings(settings.router).get(title)
     if route is None:
         raise ConfigError(
             f"harvester.storage_path is not set and the router has no route {title!r} to "

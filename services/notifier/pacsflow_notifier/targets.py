@@ -1,7 +1,8 @@
 """Who hears about what: recipients per kind of message, and the outbox rows for each channel.
 
 E-mail recipients of ``study-complete`` are the route's ``emails`` (the called AE title's entry
-in ``router.routes``) plus ``notifier.recipients["study-complete"]``; every other kind goes to
+in ``router.routes``, or in ``router.routes_file`` when one is set, read again when it changes)
+plus ``notifier.recipients["study-complete"]``; every other kind goes to
 ``notifier.recipients[<kind>]``. Each webhook gets the kinds it lists. Without an SMTP host,
 mails become files in ``notifier.mail_folder``, so there a mail is written even when nobody is
 named (that is what the single-machine demo shows).
@@ -14,6 +15,7 @@ import logging
 from collections.abc import Iterable
 
 from pacsflow.config import Settings, WebhookSettings, check_email_address
+from pacsflow.routes import RoutesSource
 
 from pacsflow_notifier.messages import Rendered
 from pacsflow_notifier.outbox import NewMessage, message_id
@@ -39,15 +41,17 @@ class Targets:
         self._settings = settings
         self._notifier = settings.notifier
         self._mail_to_files = settings.notifier.smtp.host is None
+        self._routes = RoutesSource(settings.router)
 
     def recipients(self, kind: str, route: str | None = None) -> list[str]:
         """E-mail recipients of ``kind`` (and of the route), each address once."""
         found: list[str] = []
         if route is not None:
-            entry = self._settings.router.routes.get(route)
+            entry = self._routes.current().get(route)
             if entry is None:
                 log.warning(
-                    "route %r is not in router.routes: only notifier.recipients are told", route
+                    "route %r is not among the router's routes: only notifier.recipients are told",
+                    route,
                 )
             else:
                 for address in entry.emails:

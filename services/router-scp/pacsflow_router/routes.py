@@ -20,27 +20,21 @@ keep the route they were accepted with.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import threading
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
-from pacsflow.config import AETitle, Route, RouterSettings
+from pacsflow.config import Route
 from pacsflow.dicom.scp import AssociationInfo
-from pacsflow.errors import ConfigError
-from pydantic import TypeAdapter, ValidationError
+from pacsflow.routes import load_routes_file, routes_from_settings
 
 from pacsflow_router.scp import Rejection
 
 __all__ = ["ActiveRoute", "RouteTable", "load_routes_file", "routes_from_settings"]
 
 log = logging.getLogger(__name__)
-
-_ROUTES: TypeAdapter[dict[AETitle, Route]] = TypeAdapter(dict[AETitle, Route])
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -80,71 +74,6 @@ class ActiveRoute:
             allowed_calling_aes=frozenset(route.allowed_calling_aes),
             allowed_networks=_networks(route.allowed_addresses),
         )
-
-
-def _parse(text: str, source: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: neither JSON nor YAML: {err}") from err
-
-
-def _format(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid routes"]
-    for problem in err.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        message = "unknown key" if problem["type"] == "extra_forbidden" else problem["msg"]
-        lines.append(f"  {key}: {message}")
-    return "\n".join(lines)
-
-
-def load_routes_file(path: Path, nodes: Collection[str] = ()) -> dict[str, Route]:
-    """The routes of a YAML or JSON file; ConfigError naming the file and key when wrong.
-
-    ``nodes`` are the configured node names that ``forward`` may use (not checked when empty).
-    """
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{source}: cannot read: {err.strerror}") from err
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{source}: not UTF-8 text: {err}") from err
-    data = _parse(text, source)
-    if isinstance(data, dict) and set(data) == {"routes"}:
-        data = data["routes"]
-    if not isinstance(data, dict) or not data:
-        raise ConfigError(f"{source}: expected a mapping of called AE title to route")
-    try:
-        routes = _ROUTES.validate_python(data)
-    except ValidationError as err:
-        raise ConfigError(_format(err, source)) from err
-    _check_forward(routes, nodes, source)
-    return routes
-
-
-def _check_forward(routes: Mapping[str, Route], nodes: Collection[str], source: str) -> None:
-    if not nodes:
-        return
-    for title, route in routes.items():
-        for name in route.forward:
-            if name not in nodes:
-                raise ConfigError(
-                    f"{source}: {title}.forward names {name!r}, which is not in nodes"
-                    f" (known: {', '.join(sorted(nodes))})"
-                )
-
-
-def routes_from_settings(settings: RouterSettings, nodes: Collection[str] = ()) -> dict[str, Route]:
-    """The routes in force at start-up: the routes file when one is set, else ``routes``."""
-    if settings.routes_file is not None:
-        return load_routes_file(settings.routes_file, nodes)
-    _check_forward(settings.routes, nodes, "router.routes")
-    return dict(settings.routes)
 
 
 class RouteTable:
