@@ -286,6 +286,8 @@ class BusContract:
         # Exactly the delivery limit: not lost early, not looping forever.
         assert got.attempts == {str(event.id): 3}
         [letter] = await bus.dead_letters("alpha")
+        assert await bus.dead_letter_count("alpha") == 1
+        assert await bus.dead_letter_count("beta") == 0  # a service without a queue yet
         assert letter.service == "alpha"
         assert letter.queue == queue_name(make_bus.prefix, "alpha", "file-sent")
         assert letter.event_type == "file-sent"
@@ -307,6 +309,7 @@ class BusContract:
         assert got.attempts == {str(event.id): 3}
         assert len(got.events) == 1
         assert await bus.dead_letters("alpha") == []
+        assert await bus.dead_letter_count("alpha") == 0
         depths = await bus.queue_depths()
         assert depths[queue_name(make_bus.prefix, "alpha", "file-sent")] == 0
 

@@ -188,6 +188,10 @@ class DeadLetterWatch:
         total = 0
         for service in self._services:
             try:
+                # Counting is one cheap call; reading means fetching every letter, so only
+                # when there are some (normally there are none).
+                if not await self._bus.dead_letter_count(service):
+                    continue
                 letters = await self._bus.dead_letters(service)
             except BusError as err:
                 log.warning("cannot read the dead letters of %s: %s", service, err)

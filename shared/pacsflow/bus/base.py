@@ -64,6 +64,9 @@ class EventBus(Protocol):
     async def queue_depths(self) -> dict[str, int]:
         """Messages waiting per queue, dead-letter queues included."""
 
+    async def dead_letter_count(self, service: str) -> int:
+        """How many dead letters the service has (without reading them)."""
+
     async def dead_letters(self, service: str) -> list[DeadLetter]:
         """The service's dead letters, oldest first (they stay in place)."""
 

@@ -334,6 +334,13 @@ class EmbeddedBus:
 
     # --- dead letters ----------------------------------------------------------------------
 
+    async def dead_letter_count(self, service: str) -> int:
+        async with self._lock:
+            rows = list(await self._conn().execute_fetchall(
+                "SELECT COUNT(*) FROM bus_dead_letters WHERE service = ?", (service,)
+            ))  # fmt: skip
+        return int(rows[0][0])
+
     async def dead_letters(self, service: str) -> list[DeadLetter]:
         """The service's dead letters, oldest first."""
         async with self._lock:

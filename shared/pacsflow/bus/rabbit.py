@@ -690,6 +690,14 @@ class RabbitBus:
 
     # --- dead letters ----------------------------------------------------------------------
 
+    async def dead_letter_count(self, service: str) -> int:
+        """Messages in the service's dead-letter queue (0 when it does not exist yet)."""
+        try:
+            declared = await self._passive(self._dl_queue(service))
+        except _RETRYABLE as err:
+            raise BusError(f"cannot count the dead letters of {service}: {err}") from err
+        return 0 if declared is None else declared.message_count or 0
+
     async def dead_letters(self, service: str) -> list[DeadLetter]:
         """The service's dead letters, oldest first (read without removing them)."""
         letters: list[DeadLetter] = []
