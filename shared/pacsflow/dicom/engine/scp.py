@@ -23,6 +23,7 @@ TCP_NODELAY on every connection; TLS through asyncio's ``ssl`` support.
 from __future__ import annotations
 
 import asyncio
+from asyncio import sslproto  # the TLS layer create_server(ssl=...) uses
 import inspect
 import logging
 import math
@@ -250,10 +251,8 @@ class AsyncStoreServer:
         self._loop = asyncio.get_running_loop()
         # A duplicate: asyncio closes the socket it serves on, the owner closes its own.
         self._server = await self._loop.create_server(
-            lambda: _Association(self),
+            (lambda: _TlsAssociation(self)) if self.ssl_context else (lambda: _Association(self)),
             sock=self.listener.dup(),
-            ssl=self.ssl_context,
-            ssl_handshake_timeout=self.limits.request_timeout if self.ssl_context else None,
         )
 
     async def close(self, grace: float = 5.0) -> None:
@@ -310,6 +309,38 @@ class AsyncStoreServer:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         self._thread = None
+
+
+class _TlsAssociation(sslproto.SSLProtocol):
+    """asyncio's server-side TLS layer (what ``create_server(ssl=...)`` builds) with an
+    association inside. asyncio drops a failed handshake with a DEBUG line; a refused client
+    certificate must be logged and counted like any refused association."""
+
+    def __init__(self, server: AsyncStoreServer) -> None:
+        assert server.ssl_context is not None
+        self.server = server
+        self.peer = "a client"
+        loop = asyncio.get_running_loop()
+        handshake = loop.create_future()
+        handshake.add_done_callback(self._handshake_done)
+        super().__init__(
+            loop, _Association(server), server.ssl_context, handshake, server_side=True,
+            ssl_handshake_timeout=server.limits.request_timeout,
+        )  # fmt: skip
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        super().connection_made(transport)
+
+    def _handshake_done(self, handshake: asyncio.Future[None]) -> None:
+        if handshake.cancelled() or handshake.exception() is None:
+            return
+        err = handshake.exception()
+        reason = getattr(err, "reason", None) or str(err) or type(err).__name__
+        LOGGER.warning("TLS handshake with %s refused: %s", self.peer, reason)
+        self.server.handler.association(None, "rejected", "tls-handshake")
 
 
 # Association states.
@@ -433,6 +464,8 @@ class _Association(asyncio.BufferedProtocol):
         self._update_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return  # never connected: a TLS handshake that failed (_TlsAssociation reports it)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
