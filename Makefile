@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 COMPOSE_VERSIONS := 2.20.3 2.40.3
 COMPOSE_BINARIES := $(foreach v,$(COMPOSE_VERSIONS),.tools/compose-$(v)/compose/docker-compose)
 
-.PHONY: install run test test-peers tools bench profile memory soak clean
+.PHONY: install run test test-peers tools bench profile memory stress soak clean
 
 $(BIN)/pacsflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,14 @@ bench: install test-peers ## pacsflow against DCMTK and Orthanc, every path (min
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 profile: install test-peers ## py-spy profiles of the services during one end-to-end run
+	$(BIN)/pip install -q -e '.[test,profile]'
 	$(BIN)/python -m bench --datasets small --rounds 1 --paths e2e send --profile py-spy $(BENCH_ARGS)
 
 memory: install test-peers ## RSS of each service while 100,000 small files go through
 	$(BIN)/python -m bench.memory $(BENCH_ARGS)
+
+stress: install test-peers ## 10^5 C-STOREs into the SCP engine, from storescu and from pacsflow
+	$(BIN)/python -m bench.stress --count 100000 $(BENCH_ARGS)
 
 # The fault soaks at full size (CI runs them with fewer files): 10,000 files through watcher
 # and uploader while brokers, database, PACS and services are restarted and killed.
