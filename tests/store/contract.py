@@ -36,6 +36,7 @@ from pacsflow.store import (
     pending,
     upgrade,
 )
+from pacsflow.store.ledger import find_sent_query
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -568,6 +569,47 @@ class MigrationContract(StoreCase):
 # the file ledger
 
 
+async def explain(db: Database, sql: str, args: Sequence[Any]) -> list[str]:
+    """The plan's lines: access path per table on PostgreSQL, EXPLAIN QUERY PLAN on SQLite."""
+    if db.dialect == "postgres":
+        [row] = await db.fetch(f"EXPLAIN (FORMAT JSON) {sql}", *args)
+        plan = row["QUERY PLAN"]
+        plan = json.loads(plan) if isinstance(plan, str) else plan
+        lines: list[str] = []
+
+        def walk(node: dict[str, Any]) -> None:
+            lines.append(f"{node['Node Type']} {node.get('Index Name', '')}"
+                         f" on {node.get('Relation Name', '')}")  # fmt: skip
+            for child in node.get("Plans", []):
+                walk(child)
+
+        walk(plan[0]["Plan"])
+        return lines
+    rows = await db.fetch(f"EXPLAIN QUERY PLAN {sql}", *args)
+    return [str(row["detail"]) for row in rows]
+
+
+def assert_index_lookups(plan: list[str], dialect: str) -> None:
+    """Both ledger tables are read through an index, never scanned whole."""
+    text = "\n".join(plan)
+    if dialect == "postgres":
+        # Per UID: an index (or bitmap index) scan of each table, nothing read whole.
+        assert not any("Seq Scan" in line for line in plan), text
+        assert any(line.startswith(("Index Scan ledger_files_sop_instance",
+                                     "Bitmap Index Scan ledger_files_sop_instance"))
+                   for line in plan), text  # fmt: skip
+        assert any(line.startswith(("Index Scan ledger_deliveries_pkey",
+                                    "Index Only Scan ledger_deliveries_pkey",
+                                    "Bitmap Index Scan ledger_deliveries_pkey"))
+                   for line in plan), text  # fmt: skip
+        assert plan[0].startswith("Nested Loop"), text
+    else:
+        assert any("ledger_files_sop_instance" in line for line in plan), text
+        assert any("d USING" in line and ("PRIMARY KEY" in line or "INDEX" in line)
+                   for line in plan), text  # fmt: skip
+        assert not any(line.startswith("SCAN") and " USING " not in line for line in plan), text
+
+
 def seen(name: str, size: int = 100, mtime: float = 1.0, **details: Any) -> SeenFile:
     return SeenFile(path=f"/inbox/{name}", size=size, mtime=mtime, **details)
 
@@ -797,6 +839,41 @@ class LedgerContract(StoreCase):
         first_page = await ledger.list_files(limit=4)
         after = (first_page[-1].updated_at, first_page[-1].id)
         assert [f.path for f in await ledger.list_files(after=after, limit=100)] == paths[4:]
+
+    async def test_duplicate_check_probes_indexes_on_fifty_thousand_rows(
+        self, db: Database
+    ) -> None:
+        """find_sent looks up both tables by index, with and without table statistics (a
+        full scan of the deliveries per batch is what made a long soak slow down)."""
+        await upgrade(db, ["core"])
+        await db.execute(
+            "INSERT INTO ledger_files (path, size, mtime, sha256, sop_instance_uid, status,"
+            " created_at, updated_at)"
+            " WITH RECURSIVE n (i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50000)"
+            " SELECT '/inbox/' || i, 1000, 1.5, 'h' || i, '1.2.826.0.1.' || i, 'sent', 0, 0"
+            " FROM n"
+        )
+        await db.execute(
+            "INSERT INTO ledger_deliveries (file_id, destination, status, attempts,"
+            " created_at, updated_at)"
+            " SELECT id, 'pacs', CASE WHEN id % 2 = 0 THEN 'sent' ELSE 'pending' END, 0, 0, 0"
+            " FROM ledger_files"
+        )
+        ledger = Ledger(db)
+        rows = await db.fetch(
+            "SELECT id, sop_instance_uid, sha256 FROM ledger_files WHERE id % 25 = 0"
+        )
+        wanted = [(r["sop_instance_uid"], r["sha256"]) for r in rows]
+        assert len(wanted) == 2000
+        found = await ledger.find_sent([*wanted, ("1.2.826.0.1.25", "other content")])
+        assert found == {
+            (r["sop_instance_uid"], r["sha256"]): frozenset({"pacs"})
+            for r in rows if r["id"] % 2 == 0
+        }  # fmt: skip
+        sql, args = find_sent_query(db.dialect, sorted({uid for uid, _ in wanted}))
+        assert_index_lookups(await explain(db, sql, args), db.dialect)
+        await db.execute("ANALYZE")
+        assert_index_lookups(await explain(db, sql, args), db.dialect)
 
     async def test_ten_thousand_files_take_a_few_statements_per_step(self, db: Database) -> None:
         await upgrade(db, ["core"])

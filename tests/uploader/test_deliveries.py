@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import subprocess
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,12 +20,15 @@ from pacsflow.events import (
 )
 from pacsflow.store import Database, Ledger, PostgresDatabase, SqliteDatabase, upgrade
 from pacsflow_uploader.deliveries import (
+    _CLAIM_POSTGRES,
+    _SETTLE_POSTGRES,
     DeliveryQueue,
     Settlement,
     owner_id,
     owner_is_gone,
 )
 
+from tests.store.contract import CountingDatabase, explain
 from tests.uploader.support import WATCHER
 
 
@@ -211,6 +215,49 @@ class DeliveryQueueContract:
         (claim,) = await me.claim("pacs", 5)
         assert claim.path == str(paths[1]) and claim.in_doubt
 
+    async def test_file_status_follows_every_destination_as_batches_settle(
+        self, queue: DeliveryQueue, db: Database, tmp_path: Path
+    ) -> None:
+        files = ready(make_files(tmp_path / "in", 3))
+        ids = (await queue.schedule(files, ["pacs", "backup"], "b1")).file_ids
+        ledger = Ledger(db)
+
+        async def statuses() -> list[str]:
+            return [f.status for f in await ledger.get_files(ids)]
+
+        pacs = await queue.claim("pacs", 3)
+        assert await statuses() == ["sending"] * 3
+        await queue.settle(
+            [Settlement(pacs[0], "sent", 0, attempts=1),
+             Settlement(pacs[1], "pending", 0xA700, "busy", attempts=1, next_attempt_at=1e12),
+             Settlement(pacs[2], "failed", 0xA900, "mismatch", attempts=5)], []
+        )  # fmt: skip
+        # backup is still pending for all three
+        assert await statuses() == ["ready", "ready", "ready"]
+        backup = await queue.claim("backup", 3)
+        assert [c.file_id for c in backup] == ids
+        assert await statuses() == ["sending"] * 3
+        await queue.settle(
+            [Settlement(c, "warning", 0xB000, attempts=1) for c in backup]
+            + [Settlement(backup[0], "sent", 0, attempts=1)], []
+        )  # fmt: skip
+        assert await statuses() == ["sent", "ready", "failed"]
+        deliveries = {(d.file_id, d.destination): d for d in await ledger.deliveries(ids)}
+        assert (deliveries[(ids[0], "backup")].status, deliveries[(ids[0], "backup")].dimse_status
+                ) == ("sent", 0)  # the last outcome of a delivery in a batch wins
+        retry = deliveries[(ids[1], "pacs")]
+        assert (retry.status, retry.dimse_status, retry.last_error) == ("pending", 0xA700, "busy")
+
+    async def test_a_claim_carries_the_previous_answer_for_giving_it_back(
+        self, queue: DeliveryQueue, clock: Clock, tmp_path: Path
+    ) -> None:
+        await queue.schedule(ready(make_files(tmp_path / "in", 1)), ["pacs"], "b1")
+        (claim,) = await queue.claim("pacs", 1)
+        assert (claim.dimse_status, claim.last_error) == (None, None)
+        await queue.settle([Settlement(claim, "pending", 0xA700, "busy", attempts=1)], [])
+        (again,) = await queue.claim("pacs", 1)
+        assert (again.dimse_status, again.last_error, again.attempts) == (0xA700, "busy", 1)
+
     async def test_backlog_counts_pending_work(
         self, queue: DeliveryQueue, clock: Clock, tmp_path: Path
     ) -> None:
@@ -248,3 +295,53 @@ class TestPostgresDeliveryQueue(DeliveryQueueContract):
         await upgrade(database)
         yield database
         await database.close()
+
+    async def test_claim_and_settle_take_one_statement_each(
+        self, db: Database, clock: Clock, tmp_path: Path
+    ) -> None:
+        counting = CountingDatabase(db)
+        queue = DeliveryQueue(counting, owner=owner_id("t"), clock=clock)  # type: ignore[arg-type]
+        await queue.schedule(ready(make_files(tmp_path / "in", 600)), ["pacs"], "b1")
+        counting.calls.clear()
+        claims = await queue.claim("pacs", 500)
+        assert len(claims) == 500 and counting.calls == ["fetch"]
+        event = FileSent(source=WATCHER, payload=FileOutcomePayload(files=[
+            FileOutcome(path=c.path, sop_instance_uid=c.sop_instance_uid or "",
+                        destination="pacs", status=0) for c in claims]))  # fmt: skip
+        counting.calls.clear()
+        ids = await queue.settle([Settlement(c, "sent", 0, attempts=1) for c in claims],
+                                 [event, event.model_copy(update={"id": uuid.uuid4()})])
+        assert counting.calls == ["fetch"] and len(ids) == 2
+        counts = await Ledger(db).count_by_status()
+        assert (counts["sent"], counts["ready"]) == (500, 100)
+        assert [i for i, _ in await queue.unpublished()] == ids
+
+    async def test_claim_and_settle_read_the_ledger_by_index_without_statistics(
+        self, db: Database
+    ) -> None:
+        """Fresh tables have no statistics: the plans must still probe by index, or every
+        batch reads the whole ledger."""
+        await db.execute(
+            "INSERT INTO ledger_files (path, size, mtime, status, created_at, updated_at)"
+            " SELECT '/inbox/' || i, 1000, 1.5, 'ready', 0, 0 FROM generate_series(1, 50000) i"
+        )
+        await db.execute(
+            "INSERT INTO ledger_deliveries (file_id, destination, status, attempts, created_at,"
+            " updated_at) SELECT id, d, CASE WHEN id > 49000 THEN 'pending' ELSE 'sent' END,"
+            " 0, 0, 0 FROM ledger_files, (VALUES ('pacs'), ('backup')) AS v (d)"
+        )
+        ids = list(range(49001, 49501))
+        n = len(ids)
+        plans = {
+            "claim": await explain(db, _CLAIM_POSTGRES, ["me", 1e10, "pacs", 500]),
+            "settle": await explain(db, _SETTLE_POSTGRES, [
+                ids, ["pacs"] * n, ["sent"] * n, [0] * n, [1] * n, [None] * n, [0.0] * n,
+                [0] * n, 1e10, ["{}"]]),
+        }  # fmt: skip
+        for name, plan in plans.items():
+            scans = [line for line in plan if line.rstrip().endswith(("ledger_files",
+                                                                      "ledger_deliveries"))]
+            assert scans, (name, plan)
+            assert not [line for line in scans if "Seq Scan" in line], (name, plan)
+            # nor every file of a status, through the status index
+            assert not [line for line in plan if "ledger_files_status" in line], (name, plan)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 
@@ -89,3 +90,13 @@ class TestDataSetBytes:
             fp.write(b"\0\0")
         with pytest.raises(InvalidDicom, match="changed size"), load_data_set(file):
             pass
+
+
+def test_jobs_cross_to_sender_processes_unchanged() -> None:
+    jobs = [FileJob(1, "/in/a.dcm", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),
+            FileJob(2, "/in/b.dcm")]  # fmt: skip
+    again = pickle.loads(pickle.dumps(jobs, protocol=pickle.HIGHEST_PROTOCOL))
+    assert again == jobs and all(type(job) is FileJob for job in again)
+    # Pickled by its arguments: no per-object state hooks on the way to a sender.
+    assert jobs[0].__reduce__() == (FileJob, (1, "/in/a.dcm", "1.2.840.10008.5.1.4.1.1.2",
+                                              "1.2.3.4", "1.2.840.10008.1.2.1"))

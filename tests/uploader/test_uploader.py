@@ -240,6 +240,14 @@ async def test_restarted_uploader_sends_nothing_twice(
         await wait_until(lambda: asyncio.sleep(0, len(pacs.files()) >= 700), 30, "some files")
         await rig.stop()
         stopped_with = len(pacs.files())
+        # What was claimed ahead and not sent went back as it was: pending, no attempt used,
+        # not in doubt; nothing stays claimed.
+        left = await db.fetch(
+            "SELECT status, attempts, in_doubt, claimed_by FROM ledger_deliveries"
+            " WHERE status NOT IN ('sent', 'warning')"
+        )
+        assert {(r["status"], r["attempts"], r["in_doubt"], r["claimed_by"]) for r in left} == {
+            ("pending", 0, 0, None)}
         await rig.start()
         try:
             await wait_until(lambda: rig.settled("pacs", 2000), 60, "every file")

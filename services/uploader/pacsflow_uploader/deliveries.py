@@ -6,15 +6,19 @@ a confirmed one is never sent again, whatever is redelivered); each destination'
 claims due pending deliveries (:meth:`~DeliveryQueue.claim` marks them ``sending`` and names
 this process as their owner) and settles them in batches (:meth:`~DeliveryQueue.settle`:
 outcomes, the next attempt's time, and the ``file-sent`` / ``file-failed`` events that report
-them, written to an outbox in the same transaction).
+them, written to an outbox in the same transaction). On PostgreSQL a claim and a settlement
+are one statement each (one round trip, whatever the batch size); SQLite, in process, runs
+the same steps as a few statements in one transaction.
 
 At least once, and how far "twice" can reach: a process that stops between sending a file
 and settling it leaves the delivery ``sending``. :meth:`~DeliveryQueue.take_back` returns
 such claims to ``pending`` and marks them *in doubt* (the destination may hold the file):
 at start-up for this host's processes that are gone, and for any owner whose claim was not
 renewed for ``claim_timeout_seconds`` (another host's crash). The window is what one process
-has in flight: at most two chunks per association plus the batch being settled. In-doubt
-deliveries can be checked with C-FIND before they are sent again (``verify_in_doubt``).
+holds claimed: at most two chunks per association in flight, the work claimed ahead (about
+one chunk per association, never sent yet, but in doubt after a crash all the same) and the
+batch being settled. In-doubt deliveries can be checked with C-FIND before they are sent
+again (``verify_in_doubt``).
 
 The columns this adds to ``ledger_deliveries`` come from the uploader's own migration.
 """
@@ -99,6 +103,9 @@ class Claim:
     study_instance_uid: str | None
     series_instance_uid: str | None
     batch_key: str | None
+    #: the previous attempt's answer and error, kept when the claim is given back unsent
+    dimse_status: int | None = None
+    last_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +132,89 @@ class Scheduled:
     skipped: int
     #: neither on disk nor in the ledger
     missing: int
+
+
+# PostgreSQL claims in one statement (one round trip): the deliveries, their files' status
+# (the ledger's rule: a file with a delivery being sent is "sending") and what the sender needs.
+_CLAIM_POSTGRES = (
+    "WITH claimed AS ("
+    " UPDATE ledger_deliveries SET status = 'sending', claimed_by = $1, claimed_at = $2,"
+    " updated_at = $2"
+    " WHERE destination = $3 AND file_id IN ("
+    "  SELECT file_id FROM ledger_deliveries"
+    "  WHERE destination = $3 AND status = 'pending' AND next_attempt_at <= $2"
+    "  ORDER BY file_id LIMIT $4 FOR UPDATE SKIP LOCKED)"
+    " RETURNING file_id, attempts, in_doubt, created_at, dimse_status, last_error),"
+    " marked AS ("
+    " UPDATE ledger_files SET status = 'sending', updated_at = $2"
+    " WHERE id IN (SELECT file_id FROM claimed) AND status IN ('ready', 'sent', 'failed'))"
+    " SELECT c.file_id, c.attempts, c.in_doubt, c.created_at, c.dimse_status, c.last_error,"
+    f" {', '.join('f.' + c.strip() for c in _FILE_COLUMNS.split(','))}"
+    " FROM claimed c JOIN ledger_files f ON f.id = c.file_id ORDER BY c.file_id"
+)
+# PostgreSQL settles a batch in one statement (one round trip, atomic on its own): the
+# deliveries' outcomes, their files' statuses (as Ledger.record_outcomes derives them: the
+# new outcomes plus the file's other deliveries), and the events for the outbox. Every table
+# is reached by index whatever the planner knows of its size: deliveries through the
+# conflict target (the primary key, per row), a file's other deliveries by one lookup per
+# file (a subquery that cannot be flattened: OFFSET 0), files by primary key.
+_SETTLE_POSTGRES = (
+    "WITH outcome AS ("
+    " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::int[],"
+    "  $6::text[], $7::float8[], $8::int[])"
+    "  AS o (file_id, destination, status, dimse_status, attempts, last_error,"
+    "  next_attempt_at, in_doubt)),"
+    " updated AS ("
+    " INSERT INTO ledger_deliveries AS d (file_id, destination, status, dimse_status,"
+    " attempts, last_error, created_at, updated_at, next_attempt_at, in_doubt)"
+    " SELECT file_id, destination, status, dimse_status, attempts, last_error, $9, $9,"
+    " next_attempt_at, in_doubt FROM outcome"
+    " ON CONFLICT (file_id, destination) DO UPDATE SET status = excluded.status,"
+    " dimse_status = excluded.dimse_status, attempts = excluded.attempts,"
+    " last_error = excluded.last_error, updated_at = excluded.updated_at,"
+    " next_attempt_at = excluded.next_attempt_at, in_doubt = excluded.in_doubt,"
+    " claimed_by = NULL, claimed_at = NULL"
+    " RETURNING d.file_id, d.destination, d.status),"
+    " files AS (SELECT DISTINCT file_id FROM updated),"
+    " statuses AS ("
+    " SELECT file_id, status FROM updated"
+    " UNION ALL"
+    " SELECT f.file_id, d.status FROM files f CROSS JOIN LATERAL ("
+    "  SELECT destination, status FROM ledger_deliveries WHERE file_id = f.file_id OFFSET 0) d"
+    " WHERE NOT EXISTS ("
+    "  SELECT 1 FROM updated u WHERE u.file_id = f.file_id AND u.destination = d.destination)),"
+    " refreshed AS ("
+    " UPDATE ledger_files f SET status = s.status, updated_at = $9"
+    " FROM (SELECT file_id, CASE"
+    "  WHEN count(*) FILTER (WHERE status = 'sending') > 0 THEN 'sending'"
+    "  WHEN count(*) FILTER (WHERE status = 'pending') > 0 THEN 'ready'"
+    "  WHEN count(*) FILTER (WHERE status IN ('sent', 'warning')) < count(*) THEN 'failed'"
+    "  ELSE 'sent' END AS status"
+    "  FROM statuses GROUP BY file_id) s"
+    " WHERE f.id = ANY (ARRAY(SELECT file_id FROM files)) AND f.id = s.file_id"
+    " AND f.status IN ('ready', 'sending', 'sent', 'failed')),"
+    " outbox AS ("
+    " INSERT INTO uploader_outbox (event, created_at)"
+    " SELECT body, $9 FROM unnest($10::text[]) WITH ORDINALITY AS e (body, n) ORDER BY n"
+    " RETURNING id)"
+    " SELECT id FROM outbox"
+)
+
+
+def _claim(destination: str, delivery: Any, file: Any) -> Claim:
+    return Claim(
+        file_id=int(delivery["file_id"]) if "file_id" in delivery else int(file["id"]),
+        destination=destination,
+        attempts=int(delivery["attempts"]), in_doubt=bool(delivery["in_doubt"]),
+        queued_at=float(delivery["created_at"]), path=file["path"],
+        size=int(file["size"]), sop_class_uid=file["sop_class_uid"],
+        sop_instance_uid=file["sop_instance_uid"],
+        transfer_syntax_uid=file["transfer_syntax_uid"],
+        study_instance_uid=file["study_instance_uid"],
+        series_instance_uid=file["series_instance_uid"],
+        batch_key=file["batch_key"], dimse_status=delivery["dimse_status"],
+        last_error=delivery["last_error"],
+    )  # fmt: skip
 
 
 def _chunks(items: Sequence[Any], size: int = _IDS_PER_STATEMENT) -> Iterable[Sequence[Any]]:
@@ -205,6 +295,9 @@ class DeliveryQueue:
     async def claim(self, destination: str, limit: int) -> list[Claim]:
         """Mark up to ``limit`` due pending deliveries to ``destination`` as ours, sending."""
         now = self._clock()
+        if self._db.dialect == "postgres":
+            rows = await self._db.fetch(_CLAIM_POSTGRES, self.owner, now, destination, limit)
+            return [_claim(destination, row, row) for row in rows]
         # Two uploaders on PostgreSQL never claim the same row: the second skips locked ones.
         lock = " FOR UPDATE SKIP LOCKED" if self._db.dialect == "postgres" else ""
         async with self._db.transaction() as tx:
@@ -215,7 +308,7 @@ class DeliveryQueue:
                 "  SELECT file_id FROM ledger_deliveries"
                 "  WHERE destination = $3 AND status = 'pending' AND next_attempt_at <= $2"
                 f"  ORDER BY file_id LIMIT $4{lock})"
-                " RETURNING file_id, attempts, in_doubt, created_at",
+                " RETURNING file_id, attempts, in_doubt, created_at, dimse_status, last_error",
                 self.owner, now, destination, limit,
             )  # fmt: skip
             if not rows:
@@ -237,23 +330,7 @@ class DeliveryQueue:
                     " AND status IN ('ready', 'sent', 'failed')",
                     now, *chunk,
                 )  # fmt: skip
-        claims = []
-        for file_id in ids:
-            delivery, file = by_id[file_id], files[file_id]
-            claims.append(
-                Claim(
-                    file_id=file_id, destination=destination,
-                    attempts=int(delivery["attempts"]), in_doubt=bool(delivery["in_doubt"]),
-                    queued_at=float(delivery["created_at"]), path=file["path"],
-                    size=int(file["size"]), sop_class_uid=file["sop_class_uid"],
-                    sop_instance_uid=file["sop_instance_uid"],
-                    transfer_syntax_uid=file["transfer_syntax_uid"],
-                    study_instance_uid=file["study_instance_uid"],
-                    series_instance_uid=file["series_instance_uid"],
-                    batch_key=file["batch_key"],
-                )
-            )  # fmt: skip
-        return claims
+        return [_claim(destination, by_id[file_id], files[file_id]) for file_id in ids]
 
     async def settle(self, settlements: Sequence[Settlement], events: Sequence[Event]) -> list[int]:
         """Record outcomes and put the events reporting them in the outbox, atomically.
@@ -263,6 +340,25 @@ class DeliveryQueue:
         if not settlements and not events:
             return []
         now = self._clock()
+        if self._db.dialect == "postgres":
+            # One outcome per delivery (the last), as one row of the statement updates it.
+            settlements = list(
+                {(s.claim.file_id, s.claim.destination): s for s in settlements}.values()
+            )
+            rows = await self._db.fetch(
+                _SETTLE_POSTGRES,
+                [s.claim.file_id for s in settlements],
+                [s.claim.destination for s in settlements],
+                [s.status for s in settlements],
+                [s.dimse_status for s in settlements],
+                [s.attempts for s in settlements],
+                [s.error for s in settlements],
+                [s.next_attempt_at for s in settlements],
+                [1 if s.in_doubt else 0 for s in settlements],
+                now,
+                [encode_event(event).decode() for event in events],
+            )  # fmt: skip
+            return sorted(int(row["id"]) for row in rows)
         outbox: list[int] = []
         async with self._db.transaction() as tx:
             if settlements:

@@ -49,6 +49,14 @@ class FileJob:
     sop_instance_uid: str | None = None
     transfer_syntax_uid: str | None = None
 
+    def __reduce__(self) -> tuple[type[FileJob], tuple[int, str, str | None, str | None,
+                                                      str | None]]:
+        # Jobs cross the pipe to the sender processes by the thousand: pickled as their
+        # arguments, not by the slots dataclass's state hooks (dataclasses.fields per object,
+        # the uploader's largest cost per file).
+        return (FileJob, (self.key, self.path, self.sop_class_uid, self.sop_instance_uid,
+                          self.transfer_syntax_uid))
+
 
 @dataclass(frozen=True, slots=True)
 class IdentifiedFile:

@@ -5,18 +5,24 @@ How work flows (see :mod:`.deliveries` for the ledger side):
 1. ``file-ready`` adds a pending delivery per file and destination, then is acknowledged; the
    event is not held while files are sent.
 2. Each destination has a sender loop. While the load gate is open and the destination's
-   breaker is closed, it claims due pending deliveries for the free places of its
-   associations (two chunks per association: one being sent, one waiting), splits them into
-   chunks and hands each chunk to one association of the :class:`~.pool.SenderPool`.
+   breaker is closed, it claims due pending deliveries ahead, in batches (one statement on
+   PostgreSQL), into a buffer that holds the free places' chunks plus one chunk per
+   association; it claims again once the buffer is down to half. Every association has
+   two chunks at a time (one being sent, one waiting); when a chunk ends, the next one goes
+   out at once from the buffer, so no association waits for the ledger. The first chunk of
+   an association not yet proven is a file or two: its answer opens the next association.
+   Claimed work the buffer still holds is given back as pending (no attempt used) when the
+   destination rests, the load gate closes or the uploader stops.
 3. Results come back per chunk. Each file's outcome is turned into a settlement: sent,
    warning (stored; the warning is recorded), unsupported (the presentation context was
    refused: never retried), failed (after ``max_attempts`` answers that were failures or
    no answer at all), or pending again after an exponential backoff. Files not tried because
    no association could be made use no attempt; they wait while the destination's breaker
    is open.
-4. Settlements are recorded in batches, together with the ``file-sent`` / ``file-failed``
-   events that report them (one event per batch and kind, in an outbox); the events are
-   published after the commit, off the path of the C-STOREs.
+4. Settlements are recorded in batches (one statement on PostgreSQL), together with the
+   ``file-sent`` / ``file-failed`` events that report them (one event per batch and kind, in
+   an outbox); a publisher task publishes the events after the commit while the next batch
+   is recorded, off the path of the C-STOREs.
 
 Stopping lets the chunks in flight finish (up to a grace period) and records them, so a
 restart sends nothing twice; a crash leaves them for :meth:`DeliveryQueue.take_back`.
@@ -30,7 +36,7 @@ import logging
 import math
 import os
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 
 from pacsflow.bus import EventBus, RejectEvent
@@ -63,8 +69,14 @@ __all__ = ["Uploader", "default_associations", "default_processes"]
 log = logging.getLogger(__name__)
 
 # Chunks handed to one association at a time: one being sent, one waiting in its queue, so
-# the association never idles while the next chunk is claimed.
+# the association never idles while the next chunk is handed over.
 _CHUNKS_PER_ASSOCIATION = 2
+# Claimed ahead per usable association, in chunks, kept in memory: a chunk that ends is
+# followed at once from there, never by a claim's round trip; claims come in batches.
+_PREFETCH_CHUNKS = 1
+# Files in the first chunk of an association not yet proven: its answer opens the next
+# association (the ramp), so it comes after a file or two, not after a whole chunk.
+_PROBE_FILES = 2
 # How long a destination loop sleeps when nothing is due and nobody wakes it.
 _POLL_SECONDS = 5.0
 # Outcomes are recorded in batches of at most this many, or after this long.
@@ -113,6 +125,11 @@ class _Destination:
         self.limit: int | None = None
         self.limit_until = 0.0
         self.in_flight = 0
+        # Claimed, not yet handed to an association (status ``sending``, renewed with the
+        # rest; given back as pending when the destination rests or the uploader stops).
+        self.buffer: deque[Claim] = deque()
+        # Slots whose association answered since the ramp (re)started.
+        self.proven: set[int] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
@@ -120,6 +137,7 @@ class _Destination:
 
     def wake(self) -> None:
         self._wake.set()
+        self._changed.set()
 
     def _usable_slots(self) -> int:
         if self.limit is not None and time.monotonic() >= self.limit_until:
@@ -151,39 +169,87 @@ class _Destination:
         self._wake.set()
         self._changed.set()
 
+    def _prefetch_limit(self) -> int:
+        """Claims to hold: the free places' chunks plus one chunk ahead per association."""
+        chunk = self.up.settings.chunk_size
+        return (len(self._free_places()) + _PREFETCH_CHUNKS * self._usable_slots()) * chunk
+
+    def _may_send(self) -> bool:
+        up = self.up
+        return not (up.stopping.is_set() or up.load_gate.paused or self.breaker.remaining() > 0)
+
+    def _dispatch(self) -> None:
+        """Hand claimed work to every free place (idle associations first), now."""
+        if not self.buffer or not self._may_send():
+            return
+        places = self._free_places()
+        if not places:
+            return
+        chunk = self.up.settings.chunk_size
+        # Few claims left: spread them, so no association idles while another has two chunks.
+        size = max(1, min(chunk, math.ceil(len(self.buffer) / len(places))))
+        for slot in places:
+            if not self.buffer:
+                break
+            take = size
+            if self.slots > 1 and slot not in self.proven and self.outstanding[slot] == 0:
+                take = min(size, _PROBE_FILES)
+            claims = [self.buffer.popleft() for _ in range(min(take, len(self.buffer)))]
+            self._start(slot, claims)
+
+    def release_buffer(self, next_attempt_at: float = 0.0) -> None:
+        """Give claimed but unsent work back as pending (no attempt used)."""
+        if not self.buffer:
+            return
+        claims, self.buffer = list(self.buffer), deque()
+        self.up.recorder.add([
+            Settlement(c, "pending", c.dimse_status, c.last_error, c.attempts,
+                       next_attempt_at=next_attempt_at, in_doubt=c.in_doubt)
+            for c in claims
+        ])  # fmt: skip
+
     async def run(self) -> None:
         up = self.up
-        chunk = up.settings.chunk_size
         while not up.stopping.is_set():
+            if up.load_gate.paused:
+                # Paused for a while: what was claimed ahead waits as pending meanwhile.
+                self.release_buffer()
             await up.load_gate.wait(up.stopping)
             rest = self.breaker.remaining()
             if up.stopping.is_set():
                 break
             if rest > 0:
+                self.release_buffer(up.clock() + rest)
                 await self._wait(self._wake, rest)
                 continue
-            places = self._free_places()
-            if not places:
+            self._dispatch()
+            limit = self._prefetch_limit()
+            # Claim when the buffer is down to half: fewer, larger claims.
+            if len(self.buffer) * 2 > limit:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
+            want = limit - len(self.buffer)
             self._wake.clear()
+            self._changed.clear()
             try:
-                claims = await up.queue.claim(self.name, len(places) * chunk)
-                if not claims:
-                    await self._idle()
-                    continue
+                claims = await up.queue.claim(self.name, want)
             except StoreError as err:
                 log.warning("%s: cannot claim work: %s", self.name, err)
                 await up.pause(1.0)
                 continue
-            if up.settings.verify_in_doubt and any(c.in_doubt for c in claims):
+            got = len(claims)
+            if claims and up.settings.verify_in_doubt and any(c.in_doubt for c in claims):
                 claims = await up.verifier(self, claims)
-                if not claims:
-                    continue
-            size = max(1, min(chunk, math.ceil(len(claims) / len(places))))
-            for index, start in enumerate(range(0, len(claims), size)):
-                self._start(places[index], claims[start : start + size])
+            self.buffer.extend(claims)
+            self._dispatch()
+            if got >= want:
+                continue
+            # Nothing more is due now: wait for new work, a chunk's end or the next due time.
+            if not self.buffer and not self.in_flight:
+                await self._idle()
+            elif not self._changed.is_set():
+                await self._wait(self._changed, _POLL_SECONDS)
 
     async def _idle(self) -> None:
         due = await self.up.queue.next_due(self.name)
@@ -220,6 +286,8 @@ class _Destination:
             self.up.metrics.in_flight.labels(destination=self.name).set(self.in_flight)
             self._changed.set()
         self._handle(slot, claims, result)
+        # The next chunk goes out now, from what was claimed ahead.
+        self._dispatch()
 
     def _handle(self, slot: int, claims: list[Claim], chunk: ChunkResult) -> None:
         up = self.up
@@ -240,8 +308,11 @@ class _Destination:
                             self.name, others, chunk.association_error, others)
             else:
                 self.ramp = 1
+                self.proven.clear()
                 delay = self.breaker.failure()
                 resume_at = up.clock() + delay
+                # Resting: what was claimed ahead waits as pending, for any uploader.
+                self.release_buffer(resume_at)
                 log.warning("%s: %s; trying again in %.0f s (failure %d)", self.name,
                             chunk.association_error, delay, self.breaker.failures)
         by_key = {r.key: r for r in chunk.results}
@@ -255,6 +326,7 @@ class _Destination:
             settlements.append(self._settle(claim, result, resume_at))
         if answered:
             self.breaker.success()
+            self.proven.add(slot)
             if slot + 1 >= self.ramp:
                 self.ramp = min(self.slots, slot + 2)
                 self._changed.set()
@@ -309,42 +381,66 @@ class _Destination:
 
 
 class _Recorder:
-    """Records settlements in batches, with their events, and publishes the events."""
+    """Records settlements in batches, with their events; a second task publishes the events.
+
+    Recording and publishing overlap: the next batch is recorded while the bus confirms the
+    events of the one before, so neither the senders nor the next settlement wait for a
+    publisher confirm.
+    """
 
     def __init__(self, uploader: Uploader) -> None:
         self.up = uploader
         self._pending: list[Settlement] = []
         self._has_work = asyncio.Event()
-        # Held while recording and publishing, and by the outbox task: an event is never
-        # published by both.
-        self.lock = asyncio.Lock()
+        # Recorded batches whose events are not yet confirmed by the bus: (outbox ids, events).
+        self._outgoing: deque[tuple[list[int], list[Event]]] = deque()
+        self._has_outgoing = asyncio.Event()
+        self._recording_done = False
+        # Held while recording (settle_lock) and publishing (publish_lock), and both by the
+        # outbox task, which skips what is queued here: an event is never published by both.
+        self.settle_lock = asyncio.Lock()
+        self.publish_lock = asyncio.Lock()
         self._closing = False
 
     def add(self, settlements: Sequence[Settlement]) -> None:
         self._pending.extend(settlements)
         self._has_work.set()
 
+    def queued_ids(self) -> set[int]:
+        """Outbox ids recorded here and waiting for (or in) their publish."""
+        return {i for ids, _ in self._outgoing for i in ids}
+
     async def run(self) -> None:
-        while True:
-            await self._has_work.wait()
-            if not self._closing and len(self._pending) < _SETTLE_BATCH:
-                await asyncio.sleep(_SETTLE_DELAY)
-            await self.flush(give_up=self._closing)
-            if self._closing:
-                return
+        publisher = asyncio.create_task(self._publish_loop(), name="uploader-publisher")
+        try:
+            while True:
+                await self._has_work.wait()
+                if not self._closing and len(self._pending) < _SETTLE_BATCH:
+                    await asyncio.sleep(_SETTLE_DELAY)
+                await self.flush(give_up=self._closing)
+                if self._closing:
+                    break
+        finally:
+            self._recording_done = True
+            self._has_outgoing.set()
+            try:
+                await asyncio.shield(publisher)
+            except asyncio.CancelledError:
+                publisher.cancel()
+                raise
 
     def close(self) -> None:
-        """Record what is left, then end :meth:`run`."""
+        """Record what is left, publish its events, then end :meth:`run`."""
         self._closing = True
         self._has_work.set()
 
     async def flush(self, give_up: bool = False) -> None:
-        """Record everything waiting now, then publish its events.
+        """Record everything waiting now; its events go to the publisher.
 
         A failing store is retried every second; with ``give_up`` (stopping) it is not, and
         the outcomes are lost: their deliveries stay claimed and are taken back in doubt.
         """
-        async with self.lock:
+        async with self.settle_lock:
             while self._pending:
                 batch = self._pending[:_SETTLE_BATCH]
                 events = self._events(batch)
@@ -357,8 +453,22 @@ class _Recorder:
                     await asyncio.sleep(1.0)
                     continue
                 del self._pending[: len(batch)]
-                await self._publish(ids, events)
+                if events:
+                    self._outgoing.append((ids, events))
+                    self._has_outgoing.set()
             self._has_work.clear()
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._has_outgoing.wait()
+            async with self.publish_lock:
+                while self._outgoing:
+                    ids, events = self._outgoing[0]
+                    await self._publish(ids, events)
+                    self._outgoing.popleft()
+                self._has_outgoing.clear()
+            if self._recording_done and not self._outgoing:
+                return
 
     async def _publish(self, ids: list[int], events: list[Event]) -> None:
         if not events:
@@ -600,6 +710,8 @@ class Uploader:
         if sending:
             log.info("waiting for %d chunk(s) in flight", len(sending))
         await _finish(sending, _STOP_GRACE_SECONDS, "chunks in flight")
+        for destination in self.destinations.values():
+            destination.release_buffer()
         self.recorder.close()
         await _finish(self._background, _STOP_GRACE_SECONDS, "recording outcomes")
         if self._failed is not None and not self._failed.done():
@@ -610,13 +722,16 @@ class Uploader:
         """Publish events a crash or a bus outage left in the outbox."""
         while not self.stopping.is_set():
             try:
-                async with self.recorder.lock:
-                    rows = await self.queue.unpublished(200)
+                async with self.recorder.settle_lock, self.recorder.publish_lock:
+                    # What the recorder is about to publish is not ours to publish.
+                    queued = self.recorder.queued_ids()
+                    fetched = await self.queue.unpublished(200)
+                    rows = [(i, body) for i, body in fetched if i not in queued]
                     if rows:
                         await self.bus.publish(*[decode_event(body) for _, body in rows])
                         await self.queue.published([i for i, _ in rows])
                         log.info("published %d event(s) from the outbox", len(rows))
-                if len(rows) == 200:
+                if rows and len(fetched) == 200:
                     continue
             except (BusError, StoreError) as err:
                 log.warning("outbox: %s", err)

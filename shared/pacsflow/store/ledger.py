@@ -189,6 +189,35 @@ def _values(rows: int, columns: int) -> str:
     return ", ".join(f"({_placeholders(columns, 1 + row * columns)})" for row in range(rows))
 
 
+def find_sent_query(dialect: str, uids: Sequence[str]) -> tuple[str, list[Any]]:
+    """The statement (and its arguments) :meth:`Ledger.find_sent` runs for a chunk of UIDs.
+
+    Both tables are probed by index, one UID at a time, whatever the planner believes about
+    their size: on PostgreSQL each UID of an array looks up its files by
+    ``ledger_files_sop_instance`` and each file its deliveries by the primary key, in
+    subqueries that cannot be flattened (``OFFSET 0``) into a join the planner could turn
+    into two full scans (as it does for a long ``IN`` list when a table has no statistics
+    yet). SQLite always looks up each value of an ``IN`` list in the index.
+    """
+    if dialect == "postgres":
+        return (
+            "SELECT f.id, f.sop_instance_uid, f.sha256, d.destination"
+            " FROM unnest($1::text[]) AS wanted (uid)"
+            " CROSS JOIN LATERAL (SELECT id, sop_instance_uid, sha256 FROM ledger_files"
+            "  WHERE sop_instance_uid = wanted.uid OFFSET 0) AS f"
+            " CROSS JOIN LATERAL (SELECT destination FROM ledger_deliveries"
+            "  WHERE file_id = f.id AND status IN ('sent', 'warning') OFFSET 0) AS d",
+            [list(uids)],
+        )  # fmt: skip
+    return (
+        "SELECT f.id, f.sop_instance_uid, f.sha256, d.destination"
+        " FROM ledger_files f JOIN ledger_deliveries d ON d.file_id = f.id"
+        f" WHERE f.sop_instance_uid IN ({_placeholders(len(uids))})"
+        " AND d.status IN ('sent', 'warning')",
+        list(uids),
+    )
+
+
 def _check_status(status: str, allowed: Sequence[str], what: str) -> None:
     if status not in allowed:
         raise ValueError(f"{status!r} is not a {what} status (one of: {', '.join(allowed)})")
@@ -311,13 +340,8 @@ class Ledger:
         uids = sorted({uid for uid, _ in wanted})
         found: dict[tuple[str, str], set[str]] = {}
         for chunk in _chunks(uids, 1):
-            rows = await self._db.fetch(
-                "SELECT f.id, f.sop_instance_uid, f.sha256, d.destination"
-                " FROM ledger_files f JOIN ledger_deliveries d ON d.file_id = f.id"
-                f" WHERE f.sop_instance_uid IN ({_placeholders(len(chunk))})"
-                " AND d.status IN ('sent', 'warning')",
-                *chunk,
-            )
+            sql, args = find_sent_query(self._db.dialect, chunk)
+            rows = await self._db.fetch(sql, *args)
             for row in rows:
                 key = (row["sop_instance_uid"], row["sha256"])
                 if key in wanted and row["id"] not in excluded:
