@@ -100,3 +100,13 @@ def test_jobs_cross_to_sender_processes_unchanged() -> None:
     # Pickled by its arguments: no per-object state hooks on the way to a sender.
     assert jobs[0].__reduce__() == (FileJob, (1, "/in/a.dcm", "1.2.840.10008.5.1.4.1.1.2",
                                               "1.2.3.4", "1.2.840.10008.1.2.1"))
+
+
+def test_results_cross_back_from_sender_processes_unchanged() -> None:
+    from pacsflow_uploader.scu import SendResult
+
+    results = [SendResult(1, "success", 0, None, 0.01, 9_800, True, True),
+               SendResult(2, "failure", 0xA700, "out of resources", 0.5, 12, False, False),
+               SendResult(3, "error", attempted=False)]  # fmt: skip
+    again = pickle.loads(pickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL))
+    assert again == results and all(type(result) is SendResult for result in again)

@@ -99,6 +99,12 @@ class SendResult:
         """True when the peer stored the file (success or warning)."""
         return self.category in ("success", "warning")
 
+    def __reduce__(self) -> tuple[type[SendResult], tuple[object, ...]]:
+        # One result per file crosses the pipe back from a sender process: pickled as its
+        # arguments (as FileJob is), not through the slots dataclass's state hooks.
+        return (SendResult, (self.key, self.category, self.status, self.error, self.seconds,
+                             self.size, self.transmitted, self.attempted))
+
 
 class StoreConnection(Protocol):
     """One association for C-STORE (either engine)."""
