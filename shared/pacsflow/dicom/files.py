@@ -336,26 +336,25 @@ def _check_file_meta_lengths(fp: BinaryIO, start: int, size: int) -> None:
 
 def _inflate(fp: BinaryIO) -> bytes:
     """A deflated data set (PS3.5 A.5), refused when it would inflate beyond
-    :data:`MAX_INFLATED_BYTES` (a decompression bomb) instead of filling memory."""
+    :data:`MAX_INFLATED_BYTES` (a decompression bomb). The size is counted first without
+    keeping anything, so a bomb costs time, never memory."""
+    start = fp.tell()
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    parts: list[bytes] = []
     total = 0
     try:
         while chunk := fp.read(1 << 20):
             while chunk:
-                part = inflater.decompress(chunk, 1 << 22)
-                total += len(part)
+                total += len(inflater.decompress(chunk, 1 << 22))
                 if total > MAX_INFLATED_BYTES:
                     raise InvalidDicom(
                         f"the deflated data set inflates beyond {MAX_INFLATED_BYTES} bytes"
                         " (a decompression bomb?)"
                     )
-                parts.append(part)
                 chunk = inflater.unconsumed_tail
-        parts.append(inflater.flush())
+        fp.seek(start)
+        return zlib.decompress(fp.read(), -zlib.MAX_WBITS)
     except zlib.error as err:
         raise InvalidDicom(f"damaged deflated data set: {err}") from err
-    return b"".join(parts)
 
 
 def read_part10(
