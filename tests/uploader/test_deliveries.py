@@ -179,6 +179,26 @@ class DeliveryQueueContract:
         claimed_by = await db.fetch("SELECT claimed_by FROM ledger_deliveries")
         assert {r["claimed_by"] for r in claimed_by} == {None}
 
+    async def test_a_claim_whose_answer_was_lost_is_given_back_untouched(
+        self, queue: DeliveryQueue, db: Database, clock: Clock, tmp_path: Path
+    ) -> None:
+        await queue.schedule(ready(make_files(tmp_path / "in", 6)), ["pacs"], "b1")
+        held = await queue.claim("pacs", 2)
+        # The same claim by the same process, committed, its answer lost (a database crash
+        # mid-statement): the rows are ours in the table, but nothing here knows them.
+        lost = await DeliveryQueue(db, owner=queue.owner, clock=clock).claim("pacs", 3)
+        await queue.renew()
+        assert await queue.release_orphans() == 3
+        assert await queue.release_orphans() == 0
+        again = await queue.claim("pacs", 10)
+        # The three given back and the one never claimed; not the two held.
+        assert len(again) == 4 and {c.file_id for c in lost} <= {c.file_id for c in again}
+        assert not {c.file_id for c in held} & {c.file_id for c in again}
+        assert not any(c.in_doubt for c in again)  # never sent: not in doubt
+        # What this process holds stays claimed, and settles as usual.
+        await queue.settle([Settlement(c, "sent", 0, attempts=1) for c in held], [])
+        assert (await Ledger(db).count_by_status())["sent"] == 2
+
     async def test_claims_of_a_process_that_ended_come_back_in_doubt(
         self, db: Database, clock: Clock, tmp_path: Path
     ) -> None:

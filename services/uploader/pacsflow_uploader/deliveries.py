@@ -236,6 +236,11 @@ class DeliveryQueue:
         self.owner = owner
         self._clock = clock
         self.ledger = Ledger(db, clock=clock)
+        # Deliveries this process claimed and has not settled. A claim whose commit reached
+        # the database but whose answer was lost (a crash or reset mid-statement) is ours
+        # in the table but not here: release_orphans() gives it back.
+        self._held: set[tuple[int, str]] = set()
+        self._claiming = asyncio.Lock()
 
     # --- scheduling ---------------------------------------------------------------------
 
@@ -294,6 +299,12 @@ class DeliveryQueue:
 
     async def claim(self, destination: str, limit: int) -> list[Claim]:
         """Mark up to ``limit`` due pending deliveries to ``destination`` as ours, sending."""
+        async with self._claiming:
+            claims = await self._claim(destination, limit)
+            self._held.update((c.file_id, destination) for c in claims)
+        return claims
+
+    async def _claim(self, destination: str, limit: int) -> list[Claim]:
         now = self._clock()
         if self._db.dialect == "postgres":
             rows = await self._db.fetch(_CLAIM_POSTGRES, self.owner, now, destination, limit)
@@ -339,6 +350,11 @@ class DeliveryQueue:
         """
         if not settlements and not events:
             return []
+        outbox = await self._settle(settlements, events)
+        self._held.difference_update((s.claim.file_id, s.claim.destination) for s in settlements)
+        return outbox
+
+    async def _settle(self, settlements: Sequence[Settlement], events: Sequence[Event]) -> list[int]:
         now = self._clock()
         if self._db.dialect == "postgres":
             # One outcome per delivery (the last), as one row of the statement updates it.
@@ -397,6 +413,35 @@ class DeliveryQueue:
             " WHERE claimed_by = $2 AND status = 'sending'",
             self._clock(), self.owner,
         )  # fmt: skip
+
+    async def release_orphans(self) -> int:
+        """Give back, as pending and untouched, deliveries claimed in this process's name that
+        it never received (the claim's answer was lost): never handed to a sender, never sent.
+        """
+        async with self._claiming:
+            rows = await self._db.fetch(
+                "SELECT file_id, destination, attempts FROM ledger_deliveries"
+                " WHERE status = 'sending' AND claimed_by = $1",
+                self.owner,
+            )
+            orphans = [r for r in rows if (r["file_id"], r["destination"]) not in self._held]
+            if not orphans:
+                return 0
+            now = self._clock()
+            async with self._db.transaction() as tx:
+                await tx.executemany(
+                    "UPDATE ledger_deliveries SET status = 'pending', claimed_by = NULL,"
+                    " claimed_at = NULL, updated_at = $1"
+                    " WHERE file_id = $2 AND destination = $3 AND status = 'sending'"
+                    " AND claimed_by = $4",
+                    [(now, r["file_id"], r["destination"], self.owner) for r in orphans],
+                )
+                # Outcomes with the same values, so the files' statuses follow.
+                await Ledger(tx, clock=self._clock).record_outcomes(
+                    [Outcome(r["file_id"], r["destination"], "pending", attempts=r["attempts"])
+                     for r in orphans]
+                )  # fmt: skip
+        return len(orphans)
 
     async def take_back(self, claim_timeout: float) -> dict[str, int]:
         """Return abandoned claims to pending, in doubt; how many per destination.

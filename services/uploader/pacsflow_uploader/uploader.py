@@ -747,6 +747,14 @@ class Uploader:
                 return
             try:
                 await self.queue.renew()
+                orphans = await self.queue.release_orphans()
+                if orphans:
+                    log.warning(
+                        "gave back %d delivery(ies) claimed in this uploader's name whose claim"
+                        " answer was lost (never sent)", orphans,
+                    )  # fmt: skip
+                    for destination in self.destinations.values():
+                        destination.wake()
                 taken = await self.queue.take_back(timeout)
                 if taken:
                     self._count_taken_back(taken)
