@@ -39,11 +39,11 @@ from pacsflow.dicom import (
     NoAcceptedContexts,
     RejectedByPeer,
     category,
-    client_ssl_context,
     describe,
 )
 from pacsflow.dicom.engine.pdu import APPLICATION_CONTEXT as _APPLICATION_CONTEXT
 from pacsflow.dicom.engine.pdu import PDU_HEADER as _HEADER
+from pacsflow.dicom.transport import node_ssl_context
 from pacsflow.dicom.engine.pdu import REJECT_REASONS as _REJECT_REASONS
 from pacsflow.dicom.engine.pdu import ae_field as _ae
 from pacsflow.dicom.engine.pdu import encode_item as _item
@@ -156,15 +156,10 @@ class _Association:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not self.node.tls.enabled:
             return raw
-        settings = self.node.tls.model_copy(
-            update={
-                "cert_file": self.node.tls.cert_file or self.options.tls.cert_file,
-                "key_file": self.node.tls.key_file or self.options.tls.key_file,
-                "ca_file": self.node.tls.ca_file or self.options.tls.ca_file,
-            }
-        )
         try:
-            return client_ssl_context(settings).wrap_socket(raw, server_hostname=self.node.host)
+            return node_ssl_context(self.node, self.options).wrap_socket(
+                raw, server_hostname=self.node.host
+            )
         except (OSError, ssl.SSLError) as err:
             raw.close()
             raise AssociationRejected(f"no TLS association with {self.node}: {err}") from err

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pacsflow.config import Node
+from pacsflow.dicom.transport import node_ssl_context
 from pacsflow.dicom.files import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacsflow.dicom.options import NetworkOptions
 from pacsflow.dicom.status import category, describe
@@ -136,21 +137,6 @@ class _PeerEnded(Exception):
     """The peer aborted, released or closed the connection, or broke the protocol."""
 
 
-def _tls_context(node: Node, options: NetworkOptions) -> ssl.SSLContext:
-    from pacsflow.dicom.transport import client_ssl_context
-
-    # The node says which CA signs the peer; our own certificate (for an SCP that requires
-    # client certificates) comes from the node settings or else the local ones.
-    settings = node.tls.model_copy(
-        update={
-            "cert_file": node.tls.cert_file or options.tls.cert_file,
-            "key_file": node.tls.key_file or options.tls.key_file,
-            "ca_file": node.tls.ca_file or options.tls.ca_file,
-        }
-    )
-    return client_ssl_context(settings)
-
-
 class LeanStoreSession:
     """A C-STORE association on a plain (or TLS) socket, with no threads of its own."""
 
@@ -186,7 +172,7 @@ class LeanStoreSession:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.node.tls.enabled:
-                sock = _tls_context(self.node, self.options).wrap_socket(
+                sock = node_ssl_context(self.node, self.options).wrap_socket(
                     sock, server_hostname=self.node.host
                 )
                 # SSLSocket has no sendmsg: buffers are written one by one.

@@ -53,7 +53,7 @@ from pynetdicom.presentation import PresentationContext
 from pacsflow.config import Node
 from pacsflow.dicom.files import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacsflow.dicom.options import NetworkOptions
-from pacsflow.dicom.transport import client_ssl_context, limit_incoming_pdus, set_tcp_nodelay
+from pacsflow.dicom.transport import limit_incoming_pdus, node_ssl_context, set_tcp_nodelay
 from pacsflow.errors import AssociationRejected
 
 if TYPE_CHECKING:
@@ -328,16 +328,7 @@ def application_entity(options: NetworkOptions) -> ApplicationEntity:
 def _tls_arguments(node: Node, options: NetworkOptions) -> tuple[Any, str] | None:
     if not node.tls.enabled:
         return None
-    # The node's settings say which CA signs the peer; our own certificate (for an SCP that
-    # requires client certificates) comes from the node settings or else the local ones.
-    settings = node.tls.model_copy(
-        update={
-            "cert_file": node.tls.cert_file or options.tls.cert_file,
-            "key_file": node.tls.key_file or options.tls.key_file,
-            "ca_file": node.tls.ca_file or options.tls.ca_file,
-        }
-    )
-    return (client_ssl_context(settings), node.host)
+    return (node_ssl_context(node, options), node.host)
 
 
 def open_association(

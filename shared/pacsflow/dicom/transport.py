@@ -27,9 +27,13 @@ from pacsflow.errors import ConfigError
 if TYPE_CHECKING:
     from pynetdicom.association import Association
 
+    from pacsflow.config import Node
+    from pacsflow.dicom.options import NetworkOptions
+
 __all__ = [
     "MAX_CONTROL_PDU",
     "client_ssl_context",
+    "node_ssl_context",
     "limit_incoming_pdus",
     "server_ssl_context",
     "set_tcp_nodelay",
@@ -176,3 +180,17 @@ def server_ssl_context(settings: TlsSettings) -> ssl.SSLContext:
     else:
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def node_ssl_context(node: Node, options: NetworkOptions) -> ssl.SSLContext:
+    """The client context for a TLS node: the node says which CA signs the peer; our own
+    certificate (for an SCP that requires client certificates) comes from the node's
+    settings or else the local ones."""
+    settings = node.tls.model_copy(
+        update={
+            "cert_file": node.tls.cert_file or options.tls.cert_file,
+            "key_file": node.tls.key_file or options.tls.key_file,
+            "ca_file": node.tls.ca_file or options.tls.ca_file,
+        }
+    )
+    return client_ssl_context(settings)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from pacsflow.config import Node
+from pacsflow.dicom.transport import node_ssl_context
 from pacsflow.dicom.engine import acse, pdu
 from pacsflow.dicom.engine.dimse import (
     C_ECHO_RSP,
@@ -285,19 +286,6 @@ def _data_set(file: PartTenFile) -> Iterator[memoryview]:
             mapped.close()
 
 
-def _tls_context(node: Node, options: NetworkOptions) -> ssl.SSLContext:
-    from pacsflow.dicom.transport import client_ssl_context
-
-    settings = node.tls.model_copy(
-        update={
-            "cert_file": node.tls.cert_file or options.tls.cert_file,
-            "key_file": node.tls.key_file or options.tls.key_file,
-            "ca_file": node.tls.ca_file or options.tls.ca_file,
-        }
-    )
-    return client_ssl_context(settings)
-
-
 class AsyncStoreSession:
     """One association for C-STORE (and C-ECHO) of files, on the running event loop."""
 
@@ -337,7 +325,7 @@ class AsyncStoreSession:
                 await channel.connect(
                     self.node.host,
                     self.node.port,
-                    _tls_context(self.node, self.options) if self.node.tls.enabled else None,
+                    node_ssl_context(self.node, self.options) if self.node.tls.enabled else None,
                 )
         except (OSError, TimeoutError, ssl.SSLError) as err:
             channel.close()
