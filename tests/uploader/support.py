@@ -189,6 +189,7 @@ class UploaderRig:
     nodes: Mapping[str, Node]
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     load: Callable[[], float] = lambda: 0.0
+    queue_class: type[DeliveryQueue] = DeliveryQueue
     events: list[Event] = field(default_factory=list)
     uploader: Uploader | None = None
     task: asyncio.Task[None] | None = None
@@ -206,7 +207,7 @@ class UploaderRig:
         self.registry = CollectorRegistry()
         self.uploader = Uploader(
             self.settings, self.nodes, OPTIONS,
-            queue=DeliveryQueue(self.db, owner=owner_id("test")),
+            queue=self.queue_class(self.db, owner=owner_id("test")),
             bus=self.bus, source=Source(service="uploader", instance="test"),
             registry=self.registry, load=self.load, load_check_seconds=0.1,
         )  # fmt: skip

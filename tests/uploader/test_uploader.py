@@ -12,6 +12,7 @@ import pytest
 from pacsflow.bus import MemoryBus
 from pacsflow.config import Node, UploaderSettings
 from pacsflow.dicom import StoreSCP, read_part10
+from pacsflow.errors import StoreError
 from pacsflow.events import FileFailed, FileSent
 from pacsflow.store import Database, Ledger
 from pacsflow_uploader.deliveries import DeliveryQueue
@@ -260,6 +261,39 @@ async def test_restarted_uploader_sends_nothing_twice(
     assert sample(rig.registry, "pacsflow_uploader_retries_total", destination="pacs",
                   reason="interrupted") == 0
     assert len(rig.reported("file-sent")) == 2000
+
+
+class _DatabaseShuttingDown(DeliveryQueue):
+    """A ledger whose database is going down just as an idle sender loop asks it."""
+
+    failures = 0
+
+    async def next_due(self, destination: str) -> float | None:
+        if _DatabaseShuttingDown.failures < 2:
+            _DatabaseShuttingDown.failures += 1
+            raise StoreError("PostgreSQL: CannotConnectNowError: the database system is"
+                             " shutting down")  # fmt: skip
+        return await super().next_due(destination)
+
+
+async def test_idle_sender_loop_rides_out_the_database_going_down(
+    db: Database, bus: MemoryBus, tmp_path: Path, series_2000: list[Path]
+) -> None:
+    paths = series_2000[:20]
+    with Storescp(tmp_path / "pacs") as pacs:
+        rig = UploaderRig(db, bus, settings(destinations=["pacs"]), {"pacs": pacs.node},
+                          queue_class=_DatabaseShuttingDown)  # fmt: skip
+        await rig.collect()
+        await rig.start()
+        try:
+            await wait_until(lambda: asyncio.sleep(0, _DatabaseShuttingDown.failures >= 1), 10,
+                             "the idle loop asking the database")  # fmt: skip
+            await rig.announce(paths)
+            await wait_until(lambda: rig.settled("pacs", 20), 30, "the files")
+            assert rig.task is not None and not rig.task.done()
+        finally:
+            await rig.stop()
+        assert len(pacs.files()) == 20
 
 
 async def test_redelivered_file_ready_sends_nothing_again(

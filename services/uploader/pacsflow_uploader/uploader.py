@@ -252,7 +252,12 @@ class _Destination:
                 await self._wait(self._changed, _POLL_SECONDS)
 
     async def _idle(self) -> None:
-        due = await self.up.queue.next_due(self.name)
+        try:
+            due = await self.up.queue.next_due(self.name)
+        except StoreError as err:
+            # The database restarting is no reason to stop: poll again after the usual wait.
+            log.warning("%s: cannot read the next due time: %s", self.name, err)
+            due = None
         timeout = _POLL_SECONDS
         if due is not None:
             timeout = min(_POLL_SECONDS, max(0.05, due - self.up.clock()))
