@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from pacsflow.bus import BusOptions, EmbeddedBus, EventBus, queue_name
 from pacsflow.config import BusSettings
+from pacsflow.errors import BusError
 from tests.bus.contract import (
     FAST,
     WAIT,
@@ -224,3 +225,19 @@ class TestEmbeddedFile:
         await bus.publish(file_sent(1))
         await got.wait_for(1, timeout=5)
         assert time.monotonic() - started < 1.0
+
+    async def test_reads_of_a_damaged_bus_file_are_bus_errors(
+        self, embedded_factory: _Factory
+    ) -> None:
+        # Callers (the notifier's maintenance loop, status) handle BusError and go on; a raw
+        # sqlite3 error would stop them.
+        bus = await embedded_factory()
+        await bus.declare("alpha", ["file-sent"])
+        with sqlite3.connect(embedded_factory.path) as db:
+            db.execute("DROP TABLE bus_dead_letters")
+        with pytest.raises(BusError, match="dead letters of alpha"):
+            await bus.dead_letter_count("alpha")
+        with pytest.raises(BusError, match="dead letters of alpha"):
+            await bus.dead_letters("alpha")
+        with pytest.raises(BusError, match="queue depths"):
+            await bus.queue_depths()

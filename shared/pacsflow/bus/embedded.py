@@ -313,15 +313,13 @@ class EmbeddedBus:
     async def queue_depths(self) -> dict[str, int]:
         """Messages waiting (not being handled) per queue, dead-letter queues included."""
         prefix = self._settings.queue_prefix
-        async with self._lock:
-            db = self._conn()
-            bindings = list(await db.execute_fetchall("SELECT service, queue FROM bus_bindings"))
-            waiting = list(await db.execute_fetchall(
-                "SELECT queue, COUNT(*) FROM bus_messages WHERE claimed_by IS NULL GROUP BY queue"
-            ))
-            dead = list(await db.execute_fetchall(
-                "SELECT service, COUNT(*) FROM bus_dead_letters GROUP BY service"
-            ))
+        bindings, waiting, dead = await self._read(
+            "the queue depths",
+            ("SELECT service, queue FROM bus_bindings", ()),
+            ("SELECT queue, COUNT(*) FROM bus_messages WHERE claimed_by IS NULL GROUP BY queue",
+             ()),
+            ("SELECT service, COUNT(*) FROM bus_dead_letters GROUP BY service", ()),
+        )
         depths: dict[str, int] = {}
         for service, queue in bindings:
             depths[queue] = 0
@@ -334,21 +332,31 @@ class EmbeddedBus:
 
     # --- dead letters ----------------------------------------------------------------------
 
+    async def _read(
+        self, what: str, *queries: tuple[str, tuple[object, ...]]
+    ) -> list[list[Any]]:
+        """Rows of each query, read together; a locked or damaged bus file is a BusError."""
+        try:
+            async with self._lock:
+                db = self._conn()
+                return [list(await db.execute_fetchall(sql, args)) for sql, args in queries]
+        except sqlite3.Error as err:
+            raise BusError(f"could not read {what}: {err}") from err
+
     async def dead_letter_count(self, service: str) -> int:
-        async with self._lock:
-            rows = list(await self._conn().execute_fetchall(
-                "SELECT COUNT(*) FROM bus_dead_letters WHERE service = ?", (service,)
-            ))  # fmt: skip
+        (rows,) = await self._read(
+            f"the dead letters of {service}",
+            ("SELECT COUNT(*) FROM bus_dead_letters WHERE service = ?", (service,)),
+        )
         return int(rows[0][0])
 
     async def dead_letters(self, service: str) -> list[DeadLetter]:
         """The service's dead letters, oldest first."""
-        async with self._lock:
-            rows = await self._conn().execute_fetchall(
-                "SELECT id, service, queue, event_type, body, reason, deliveries, time "
-                "FROM bus_dead_letters WHERE service = ? ORDER BY seq",
-                (service,),
-            )
+        (rows,) = await self._read(
+            f"the dead letters of {service}",
+            ("SELECT id, service, queue, event_type, body, reason, deliveries, time "
+             "FROM bus_dead_letters WHERE service = ? ORDER BY seq", (service,)),
+        )
         return [
             DeadLetter(
                 id=row[0],
