@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pacsflow.config import Node
-from pacsflow.dicom.transport import node_ssl_context
+from pacsflow.dicom.transport import node_ssl_context, unacknowledged_bytes
 from pacsflow.dicom.files import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacsflow.dicom.options import NetworkOptions
 from pacsflow.dicom.status import category, describe
@@ -327,6 +327,7 @@ class LeanStoreSession:
                 error=f"association with {self.node} lost while sending: {_reason(err)}",
             )  # fmt: skip
         try:
+            self._await_answer()
             response = self._read_response()
         except (OSError, _PeerEnded, ValueError) as err:
             self._abort()
@@ -357,6 +358,26 @@ class LeanStoreSession:
             return SendResult(key, "warning", status, text, seconds, file.size, True)
         # Pending and cancel are no valid final C-STORE status either (PS3.4 B.2.3).
         return SendResult(key, "failure", status, text, seconds, file.size, True)
+
+    def _await_answer(self) -> None:
+        """Wait for the answer to begin; ``dimse_timeout`` bounds silence, not the transfer.
+
+        Over a slow line the kernel holds megabytes of the request after the write returned:
+        while the peer keeps acknowledging its bytes, waiting goes on.
+        """
+        sock = self._sock
+        if sock is None:
+            raise ConnectionError("not connected")
+        timeout = self.options.dimse_timeout
+        waiting = unacknowledged_bytes(sock)
+        while not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            readable, _, _ = select.select([sock], [], [], timeout)
+            if readable:
+                return
+            left = unacknowledged_bytes(sock)
+            if not left or waiting is None or left >= waiting:
+                raise TimeoutError("timed out")
+            waiting = left
 
     def _read_response(self) -> pdu.StoreResponse:
         command = bytearray()

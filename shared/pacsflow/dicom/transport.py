@@ -13,10 +13,12 @@ client certificate.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import socket
 import ssl
 import struct
+import termios
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +40,7 @@ __all__ = [
     "server_ssl_context",
     "set_tcp_nodelay",
     "tcp_nodelay_on",
+    "unacknowledged_bytes",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -54,6 +57,20 @@ _UNRECOGNISED_PDU_HEADER = struct.pack(">BBL", 0x00, 0x00, 0)
 def tcp_nodelay_on(sock: socket.socket) -> None:
     """Disable Nagle's algorithm on a connected TCP socket (plain or TLS)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def unacknowledged_bytes(sock: socket.socket) -> int | None:
+    """Bytes written to a TCP socket that the peer has not acknowledged yet; None if unknown.
+
+    Over a slow line the kernel holds megabytes of a request long after the write returned:
+    the DIMSE timeouts use this to tell a request still on its way (progress) from a silent
+    peer, so that they bound silence, not the length of a transfer.
+    """
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # SIOCOUTQ
+    except (OSError, ValueError):
+        return None
+    return int(struct.unpack("i", raw)[0])
 
 
 def set_tcp_nodelay(assoc: Association) -> None:

@@ -22,13 +22,13 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pacsflow.config import Node
-from pacsflow.dicom.transport import node_ssl_context
+from pacsflow.dicom.transport import node_ssl_context, unacknowledged_bytes
 from pacsflow.dicom.engine import acse, pdu
 from pacsflow.dicom.engine.dimse import (
     C_ECHO_RSP,
@@ -102,6 +102,8 @@ class _Channel:
         # response); with nobody waiting it is unregistered, so pending bytes do not spin.
         self.waiter: asyncio.Future[None] | None = None
         self.watching = False
+        #: bytes handed to the socket or the TLS transport so far
+        self.written = 0
 
     async def connect(self, host: str, port: int, tls: ssl.SSLContext | None) -> None:
         if tls is not None:
@@ -132,6 +134,7 @@ class _Channel:
         """Write every buffer, with as few ``sendmsg`` calls as the socket allows."""
         if self.writer is not None:
             self.writer.writelines(buffers)
+            self.written += sum(memoryview(buffer).nbytes for buffer in buffers)
             await self.writer.drain()
             return
         sock = self.sock
@@ -145,6 +148,7 @@ class _Channel:
             except (BlockingIOError, InterruptedError):
                 await self._writable(sock)
                 continue
+            self.written += sent
             while sent and index < len(views):
                 length = len(views[index])
                 if sent >= length:
@@ -155,6 +159,18 @@ class _Channel:
                     sent = 0
             while index < len(views) and not len(views[index]):
                 index += 1
+
+    def acknowledged(self) -> int | None:
+        """Bytes written so far that the peer has acknowledged (None: not known here)."""
+        raw = self.sock
+        if raw is None and self.writer is not None:
+            raw = self.writer.get_extra_info("socket")
+        unacknowledged = None if raw is None else unacknowledged_bytes(raw)
+        if unacknowledged is None:
+            return None
+        if self.writer is not None:
+            unacknowledged += self.writer.transport.get_write_buffer_size()
+        return self.written - unacknowledged
 
     async def _writable(self, sock: socket.socket) -> None:
         ready = self.loop.create_future()
@@ -448,6 +464,33 @@ class AsyncStoreSession:
 
     # --- DIMSE ------------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _unless_silent(self, channel: _Channel) -> AsyncIterator[None]:
+        """``dimse_timeout`` as a bound on silence, not on the length of a transfer.
+
+        Over a slow line a large request takes longer than the timeout to leave, and the
+        kernel holds megabytes of it after the write returned: while the peer keeps
+        acknowledging its bytes, the deadline moves on.
+        """
+        loop = asyncio.get_running_loop()
+        timeout = self.options.dimse_timeout
+        async with asyncio.timeout(timeout) as deadline:
+            seen = channel.acknowledged()
+
+            def check() -> None:
+                nonlocal seen, handle
+                now = channel.acknowledged()
+                if now is not None and seen is not None and now > seen:
+                    deadline.reschedule(loop.time() + timeout)
+                seen = now
+                handle = loop.call_later(timeout * 0.9, check)
+
+            handle = loop.call_later(timeout * 0.9, check)
+            try:
+                yield
+            finally:
+                handle.cancel()
+
     def _next_message_id(self) -> int:
         self._message_id = self._message_id % 0xFFFF + 1
         return self._message_id
@@ -510,7 +553,7 @@ class AsyncStoreSession:
         command = c_store_rq(message_id, presentation[0], sop_instance_uid)
         buffers = pdu.data_pdus(context_id, command, data, self._send_pdu)
         try:
-            async with asyncio.timeout(self.options.dimse_timeout):
+            async with self._unless_silent(channel):
                 await channel.write(buffers)
         except (OSError, TimeoutError, ssl.SSLError) as err:
             self.abort()
@@ -519,7 +562,7 @@ class AsyncStoreSession:
         finally:
             buffers.clear()
         try:
-            async with asyncio.timeout(self.options.dimse_timeout):
+            async with self._unless_silent(channel):
                 response = await self._read_response(channel)
         except (OSError, TimeoutError, DicomError, ssl.SSLError) as err:
             self.abort()
