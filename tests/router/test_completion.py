@@ -17,6 +17,8 @@ from pacsflow_router.metrics import RouterMetrics
 from pacsflow_router.studies import StudyStore, StudyUpdates
 from prometheus_client import CollectorRegistry
 
+from tests.router.support import router_settings, running_router
+
 SOURCE = Source(service="router-scp", instance="test")
 
 
@@ -276,3 +278,27 @@ async def test_reported_studies_are_forgotten_after_the_retention_time(
     assert await store.get("MRI", "1.2.3") is None
     assert await store.series_folders("MRI", "1.2.3") == []
     assert (tmp_path / "s1").is_dir()
+
+
+async def test_a_storage_folder_that_cannot_be_read_fails_one_sweep_not_the_router(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A share that refuses reading for a moment (NFS, permissions being fixed): the sweep
+    # reports it and the next one tries again; the router goes on receiving.
+    settings = router_settings(tmp_path, {"MRI": {"path": str(tmp_path / "mri")}})
+    async with running_router(settings) as harness:
+        completer = harness.router.completer
+        real_sweep = completer.sweep
+        failures = []
+
+        async def refused() -> int:
+            failures.append(1)
+            raise PermissionError(13, "Permission denied", str(tmp_path / "mri"))
+
+        completer.sweep = refused  # type: ignore[method-assign]
+        await harness.router.sweep()
+        completer.sweep = real_sweep  # type: ignore[method-assign]
+        await harness.router.sweep()
+    assert failures == [1]
+    assert any("completion sweep failed" in r.getMessage() and "Permission denied"
+               in r.getMessage() for r in caplog.records)  # fmt: skip

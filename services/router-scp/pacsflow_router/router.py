@@ -266,7 +266,7 @@ class Router:
         self.forwards = []
 
     async def sweep(self) -> None:
-        """One completion sweep; store and bus errors are logged and retried next time."""
+        """One completion sweep; store, bus and file errors are logged and retried next time."""
         try:
             await self.completer.sweep()
             now = self.clock()
@@ -279,7 +279,8 @@ class Router:
                         pruned,
                         self.config.retention_days,
                     )
-        except (StoreError, BusError) as err:
+        except (StoreError, BusError, OSError) as err:
+            # OSError: a storage folder that cannot be read for now (a share, permissions).
             log.error("completion sweep failed (retried): %s", err)
         if self._pool is not None and self._pool.alive() < self._pool.count:
             # A worker died (killed, out of memory): the service must restart, not limp on.
