@@ -241,3 +241,27 @@ class TestEmbeddedFile:
             await bus.dead_letters("alpha")
         with pytest.raises(BusError, match="queue depths"):
             await bus.queue_depths()
+
+    async def test_a_publish_cancelled_at_any_step_leaves_the_file_unlocked(
+        self, embedded_factory: _Factory
+    ) -> None:
+        # A cancel (a service stopping) reaches the task while its statement still runs in the
+        # connection's thread: a BEGIN that completes there must not leave the write lock held.
+        bus = await embedded_factory()
+        await bus.declare("alpha", ["file-sent"])
+        for steps in range(8):
+            publishing = asyncio.create_task(bus.publish(file_sent(steps)))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+            other = sqlite3.connect(embedded_factory.path, timeout=0.5, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")  # "database is locked" if the bus kept it
+                other.execute("ROLLBACK")
+            finally:
+                other.close()
+        queue = queue_name(bus._settings.queue_prefix, "alpha", "file-sent")
+        before = (await bus.queue_depths()).get(queue, 0)
+        await bus.publish(file_sent(99))  # and the bus itself goes on
+        assert (await bus.queue_depths())[queue] == before + 1

@@ -621,13 +621,16 @@ class EmbeddedBus:
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
             db = self._conn()
-            await db.execute("BEGIN IMMEDIATE")
             try:
+                await db.execute("BEGIN IMMEDIATE")
                 yield db
+                await db.commit()
             except BaseException:
+                # A step whose task was cancelled (a service stopping) still runs in the
+                # connection's thread; the rollback queued behind it undoes what it began,
+                # so a BEGIN that ends there never leaves the file's write lock held.
                 await db.rollback()
                 raise
-            await db.commit()
 
     def _wake(self, event_types: Iterable[str] | None) -> None:
         wanted = None if event_types is None else set(event_types)
