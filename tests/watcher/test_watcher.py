@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from pacsflow.bus import MemoryBus
 from pacsflow.config import WatcherSettings
 from pacsflow.events import Event, FileOutcome, FileOutcomePayload, FileReady, FileSent, Source
 from pacsflow.store import Database, Ledger, Outcome, SqliteDatabase, upgrade
+from pacsflow_watcher import watcher as watcher_module
 from pacsflow_watcher.watcher import Watcher
 from tests.dicom.synthetic import write_ct_series
 
@@ -236,3 +238,35 @@ class TestArchive:
         assert await asyncio.wait_for(first, 10) is None
         assert sorted(p.name for p in rig.archive.rglob("*.dcm")) == sorted(p.name for p in paths)
         assert (await rig.ledger.count_by_status()).get("archived") == 6
+
+
+class TestDuplicates:
+    @pytest.mark.parametrize("read_whole", [True, False], ids=["in-memory", "streamed"])
+    async def test_a_sent_file_dropped_again_is_set_aside_a_changed_one_is_sent(
+        self, rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_whole: bool
+    ) -> None:
+        # Small files are validated and hashed from one read; large ones stream from the file.
+        monkeypatch.setattr(watcher_module, "_READ_WHOLE_UP_TO", 1 << 30 if read_whole else 0)
+        originals = write_ct_series(tmp_path / "originals", 2)
+        shutil.copytree(originals[0].parent, rig.inbox / "#1-A")
+        await rig.start()
+        await rig.wait_for(2)
+        rows = await rig.ledger.list_files(status="ready")
+        assert sorted(row.sha256 for row in rows) == sorted(
+            hashlib.sha256(path.read_bytes()).hexdigest() for path in originals)
+        await rig.ledger.add_deliveries([row.id for row in rows], ["pacs"])
+        await rig.ledger.record_outcomes([Outcome(row.id, "pacs", "sent", 0) for row in rows])
+
+        again = rig.inbox / "#1-A-again"
+        again.mkdir()
+        shutil.copy(originals[0], again / "same.dcm")
+        changed = bytearray(originals[1].read_bytes())
+        changed[-1] ^= 0xFF  # the same SOP Instance UID, one pixel different
+        (again / "changed.dcm").write_bytes(changed)
+        await rig.wait_for(3)
+        announced = [Path(f.path).name for e in rig.received.events for f in e.payload.files]
+        assert announced.count("changed.dcm") == 1 and "same.dcm" not in announced
+        duplicates = await rig.ledger.list_files(status="duplicate")
+        assert [Path(row.path).name for row in duplicates] == ["same.dcm"]
+        assert "already sent" in (duplicates[0].reason or "")
+        assert not (again / "same.dcm").exists() and list(rig.archive.rglob("same.dcm"))

@@ -80,32 +80,43 @@ def _invalid(reason: str) -> Verdict:
     return Verdict("invalid", reason)
 
 
-def validate_file(path: Path) -> Verdict:
-    """Check one file; never raises for bad content (OSError only for unreadable files)."""
+def validate_file(path: Path, stream: BinaryIO | None = None) -> Verdict:
+    """Check one file; never raises for bad content (OSError only for unreadable files).
+
+    ``stream``: the file's content already open (the file, or its bytes in memory), for a
+    caller that reads the whole file anyway; it is left open.
+    """
+    if stream is not None:
+        return _validate(path, stream)
     with open(path, "rb") as fp:
-        head = fp.read(1024)
-        if not head:
-            return _invalid("empty file")
-        has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
-        if has_preamble and head[:128].startswith(_EXECUTABLE_MAGIC):
-            return _invalid("executable code in the preamble (CVE-2019-11687)")
-        if path.name.upper() == "DICOMDIR" or (has_preamble and _DICOMDIR_CLASS.search(head)):
-            return Verdict("dicomdir", "DICOMDIR (a media index, not an image)")
-        try:
-            part = read_part10(path, extra_tags=_IMAGE_TAGS)
-        except InvalidDicom as err:
-            return _invalid(err.reason)
-        except (RecursionError, MemoryError) as err:
-            return _invalid(f"unreadable header: {type(err).__name__} (nested too deeply?)")
-        except Exception as err:  # noqa: BLE001 - any failure on untrusted bytes: not valid
-            # The message may quote header values (patient data): DEBUG only.
-            log.debug("header reader failed on %s", path, exc_info=True)
-            return _invalid(f"unreadable header ({type(err).__name__})")
-        for name, value in (("Study Instance UID", part.study_instance_uid),
-                            ("Series Instance UID", part.series_instance_uid)):
-            if not value:
-                return _invalid(f"missing {name}")
-        problem = _check_pixel_data(part, fp)
+        return _validate(path, fp)
+
+
+def _validate(path: Path, fp: BinaryIO) -> Verdict:
+    fp.seek(0)
+    head = fp.read(1024)
+    if not head:
+        return _invalid("empty file")
+    has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
+    if has_preamble and head[:128].startswith(_EXECUTABLE_MAGIC):
+        return _invalid("executable code in the preamble (CVE-2019-11687)")
+    if path.name.upper() == "DICOMDIR" or (has_preamble and _DICOMDIR_CLASS.search(head)):
+        return Verdict("dicomdir", "DICOMDIR (a media index, not an image)")
+    try:
+        part = read_part10(path, extra_tags=_IMAGE_TAGS, stream=fp)
+    except InvalidDicom as err:
+        return _invalid(err.reason)
+    except (RecursionError, MemoryError) as err:
+        return _invalid(f"unreadable header: {type(err).__name__} (nested too deeply?)")
+    except Exception as err:  # noqa: BLE001 - any failure on untrusted bytes: not valid
+        # The message may quote header values (patient data): DEBUG only.
+        log.debug("header reader failed on %s", path, exc_info=True)
+        return _invalid(f"unreadable header ({type(err).__name__})")
+    for name, value in (("Study Instance UID", part.study_instance_uid),
+                        ("Series Instance UID", part.series_instance_uid)):
+        if not value:
+            return _invalid(f"missing {name}")
+    problem = _check_pixel_data(part, fp)
     if problem:
         return _invalid(problem)
     extra = part.extra or {}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import os
 import re
@@ -104,12 +105,27 @@ class _Checked:
     sha256: str | None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+# Files up to this size are read once into memory: validated and hashed from the same bytes.
+_READ_WHOLE_UP_TO = 32 << 20
+
+
+def _inspect(path: Path) -> tuple[Verdict, os.stat_result, str | None]:
+    """The file's verdict, its stat and, when valid, the SHA-256 of its content."""
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        stat = os.fstat(handle.fileno())
+        if stat.st_size <= _READ_WHOLE_UP_TO:
+            content = handle.read()
+            verdict = validate_file(path, io.BytesIO(content))
+            digest = hashlib.sha256(content) if verdict.outcome == "valid" else None
+        else:
+            verdict = validate_file(path, handle)
+            digest = None
+            if verdict.outcome == "valid":
+                handle.seek(0)
+                digest = hashlib.sha256()
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return verdict, stat, None if digest is None else digest.hexdigest()
 
 
 def _move(source: Path, target: Path) -> Path:
@@ -315,7 +331,7 @@ class Watcher:
         checked: list[_Checked] = []
         for path in files:
             try:
-                verdict = validate_file(path)
+                verdict, stat, sha = _inspect(path)
                 if (
                     identity is not None
                     and verdict.file is not None
@@ -323,9 +339,7 @@ class Watcher:
                     != (identity.patient_id, identity.patient_name)
                 ):
                     rewrite_identity(path, identity)
-                    verdict = validate_file(path)
-                stat = path.stat()
-                sha = _sha256(path) if verdict.outcome == "valid" else None
+                    verdict, stat, sha = _inspect(path)
             except InvalidDicom as err:
                 stat = path.stat()
                 verdict, sha = Verdict("invalid", err.reason), None

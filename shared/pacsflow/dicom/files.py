@@ -358,7 +358,10 @@ def _inflate(fp: BinaryIO) -> bytes:
 
 
 def read_part10(
-    path: str | os.PathLike[str], *, extra_tags: frozenset[int] = frozenset()
+    path: str | os.PathLike[str],
+    *,
+    extra_tags: frozenset[int] = frozenset(),
+    stream: BinaryIO | None = None,
 ) -> PartTenFile:
     """Read the file meta and identifying UIDs of a DICOM file, stopping before pixel data.
 
@@ -368,63 +371,73 @@ def read_part10(
     10 but they are common) are read too; their transfer syntax is taken from the encoding
     of the first element. Raise :class:`~pacsflow.errors.InvalidDicom` when the file is not
     DICOM, is truncated, or lacks a SOP Class or SOP Instance UID.
+
+    ``stream`` is the file's content already open (the file, or its bytes in memory, for a
+    caller that reads them anyway): it is read from its start and left open.
     """
     file_path = Path(path)
+    if stream is not None:
+        return _read_part10(file_path, stream, extra_tags)
     try:
         fp = open(file_path, "rb")
     except OSError as err:
         raise InvalidDicom(f"cannot read: {err.strerror}") from err
     with fp:
-        size = os.fstat(fp.fileno()).st_size
-        head = fp.read(132)
-        if len(head) == 132 and head[128:132] == b"DICM":
-            meta_start = 128 + 4
-        elif _looks_like_raw_dataset(head):
-            meta_start = 0
-        else:
-            raise InvalidDicom("not DICOM: no DICM prefix and no DICOM element at the start")
+        return _read_part10(file_path, fp, extra_tags)
 
-        _check_file_meta_lengths(fp, meta_start, size)
-        fp.seek(meta_start)
-        try:
-            meta = read_dataset(
-                fp, is_implicit_VR=False, is_little_endian=True, stop_when=_not_group_0002
-            )
-        except (EOFError, struct.error, ValueError, NotImplementedError) as err:
-            raise InvalidDicom(f"damaged file meta: {err}") from err
-        dataset_offset = fp.tell()
-        first_bytes = fp.read(8)
-        if len(first_bytes) < 8:
-            raise InvalidDicom("no data set after the file meta")
-        fp.seek(dataset_offset)
 
-        try:
-            transfer_syntax = str(meta.get("TransferSyntaxUID") or "").strip("\x00 ") or None
-        except (ValueError, TypeError) as err:
-            raise InvalidDicom(f"damaged file meta: {err}") from err
-        if transfer_syntax is None:
-            transfer_syntax = _guess_raw_encoding(first_bytes)
-        _check_uid(transfer_syntax, "Transfer Syntax UID")
-        stream: BinaryIO = fp
-        stream_size = size
-        if transfer_syntax == DeflatedExplicitVRLittleEndian:
-            inflated = _inflate(fp)
-            stream, stream_size = BytesIO(inflated), len(inflated)
-            first_bytes = inflated[:8]
+def _read_part10(file_path: Path, fp: BinaryIO, extra_tags: frozenset[int]) -> PartTenFile:
+    size = fp.seek(0, os.SEEK_END)
+    fp.seek(0)
+    head = fp.read(132)
+    if len(head) == 132 and head[128:132] == b"DICM":
+        meta_start = 128 + 4
+    elif _looks_like_raw_dataset(head):
+        meta_start = 0
+    else:
+        raise InvalidDicom("not DICOM: no DICM prefix and no DICOM element at the start")
 
-        is_implicit_vr, is_little_endian = _encoding_of(transfer_syntax)
-        if not is_implicit_vr and not _explicit_vr_is_plausible(first_bytes):
-            if transfer_syntax != ExplicitVRLittleEndian:
-                raise InvalidDicom(
-                    f"the data set is not encoded as its transfer syntax {transfer_syntax} says"
-                )
-            # A common writer bug: meta says explicit, the data set is implicit. The bytes
-            # are what a receiver decodes, so they decide the syntax to send them with.
-            transfer_syntax = ImplicitVRLittleEndian
-            is_implicit_vr = True
-        identifiers = _walk_to_pixel_data(
-            stream, is_implicit_vr, is_little_endian, stream_size, extra_tags
+    _check_file_meta_lengths(fp, meta_start, size)
+    fp.seek(meta_start)
+    try:
+        meta = read_dataset(
+            fp, is_implicit_VR=False, is_little_endian=True, stop_when=_not_group_0002
         )
+    except (EOFError, struct.error, ValueError, NotImplementedError) as err:
+        raise InvalidDicom(f"damaged file meta: {err}") from err
+    dataset_offset = fp.tell()
+    first_bytes = fp.read(8)
+    if len(first_bytes) < 8:
+        raise InvalidDicom("no data set after the file meta")
+    fp.seek(dataset_offset)
+
+    try:
+        transfer_syntax = str(meta.get("TransferSyntaxUID") or "").strip("\x00 ") or None
+    except (ValueError, TypeError) as err:
+        raise InvalidDicom(f"damaged file meta: {err}") from err
+    if transfer_syntax is None:
+        transfer_syntax = _guess_raw_encoding(first_bytes)
+    _check_uid(transfer_syntax, "Transfer Syntax UID")
+    data_set: BinaryIO = fp
+    stream_size = size
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        inflated = _inflate(fp)
+        data_set, stream_size = BytesIO(inflated), len(inflated)
+        first_bytes = inflated[:8]
+
+    is_implicit_vr, is_little_endian = _encoding_of(transfer_syntax)
+    if not is_implicit_vr and not _explicit_vr_is_plausible(first_bytes):
+        if transfer_syntax != ExplicitVRLittleEndian:
+            raise InvalidDicom(
+                f"the data set is not encoded as its transfer syntax {transfer_syntax} says"
+            )
+        # A common writer bug: meta says explicit, the data set is implicit. The bytes
+        # are what a receiver decodes, so they decide the syntax to send them with.
+        transfer_syntax = ImplicitVRLittleEndian
+        is_implicit_vr = True
+    identifiers = _walk_to_pixel_data(
+        data_set, is_implicit_vr, is_little_endian, stream_size, extra_tags
+    )
 
     if identifiers.sop_class_uid is None:
         raise InvalidDicom("no SOP Class UID in the data set")
