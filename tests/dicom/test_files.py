@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import struct
 import subprocess
 import warnings
 from pathlib import Path
@@ -145,6 +147,58 @@ class TestReadPart10:
             transfer_syntax_uid=ExplicitVRLittleEndian,
         )
         assert read_part10(mislabelled).transfer_syntax_uid == ImplicitVRLittleEndian
+
+
+class TestFileMeta:
+    @staticmethod
+    def _implicit_element(element: int, value: bytes) -> bytes:
+        if len(value) % 2:
+            value += b"\x00"
+        return struct.pack("<HHI", 0x0002, element, len(value)) + value
+
+    def test_meta_written_in_implicit_vr_is_read(
+        self, pydicom_test_files: Path, tmp_path: Path
+    ) -> None:
+        # Some writers encode group 0002 implicit VR, against PS3.10; the file is still usable.
+        source = pydicom_test_files / "MR_small_implicit.dcm"
+        part = read_part10(source)
+        meta = b"".join([
+            self._implicit_element(0x0001, b"\x00\x01"),
+            self._implicit_element(0x0002, part.sop_class_uid.encode()),
+            self._implicit_element(0x0003, part.sop_instance_uid.encode()),
+            self._implicit_element(0x0010, ImplicitVRLittleEndian.encode()),
+        ])
+        path = tmp_path / "implicit-meta.dcm"
+        path.write_bytes(b"\x00" * 128 + b"DICM" + meta + source.read_bytes()[part.dataset_offset :])
+        read = read_part10(path)
+        assert read.transfer_syntax_uid == ImplicitVRLittleEndian
+        assert read.dataset_offset == 132 + len(meta)
+        assert read.sop_instance_uid == part.sop_instance_uid
+
+    @pytest.mark.parametrize(
+        ("element", "reason"),
+        [
+            (struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", 0xFFF0), "declares 65520 bytes"),
+            (struct.pack("<HH2s2xI", 0x0002, 0x0001, b"OB", 0xFFFFFFFF), "undefined length"),
+            (struct.pack("<HH2s2xI", 0x0002, 0x0001, b"OB", 1 << 30), "declares 1073741824"),
+            (struct.pack("<HH2sH", 0x0002, 0x0100, b"UL", 0) * 1001, "more than 1000 elements"),
+        ],
+        ids=["short-length-past-the-end", "undefined", "long-length-past-the-end", "endless"],
+    )
+    def test_meta_that_cannot_be_is_refused_before_it_is_read(
+        self, tmp_path: Path, element: bytes, reason: str
+    ) -> None:
+        (good,) = write_ct_series(tmp_path, 1)
+        path = tmp_path / "bad-meta.dcm"
+        path.write_bytes(b"\x00" * 128 + b"DICM" + element + good.read_bytes()[132:])
+        with pytest.raises(InvalidDicom, match="damaged file meta") as raised:
+            read_part10(path)
+        assert reason in raised.value.reason
+
+    def test_an_open_stream_reads_like_the_file(self, pydicom_test_files: Path) -> None:
+        for name in WITH_META:
+            path = pydicom_test_files / name
+            assert read_part10(path, stream=io.BytesIO(path.read_bytes())) == read_part10(path)
 
 
 class TestScanIdentifiers:

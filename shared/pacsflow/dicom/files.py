@@ -301,37 +301,64 @@ def _walk_to_pixel_data(
     )
 
 
-def _not_group_0002(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag >> 16 != 2
+#: A file meta group has about a dozen elements; a "group" of thousands is not one.
+_MAX_FILE_META_ELEMENTS = 1000
 
 
-def _check_file_meta_lengths(fp: BinaryIO, start: int, size: int) -> None:
-    """Refuse a file meta element (explicit VR little endian, PS3.10 7.1) that declares more
-    bytes than the file holds, before pydicom reads it: it would allocate what is declared."""
+def _read_file_meta(fp: BinaryIO, start: int, size: int) -> tuple[str | None, int]:
+    """The Transfer Syntax UID of the file meta group (PS3.10 7.1) and where the group ends.
+
+    Elements are explicit VR little endian as the standard says, or implicit VR as some
+    writers put them. A length that is undefined or runs past the end of the file is refused
+    before anything is read, so a declared length never decides what is allocated.
+    """
     position = start
-    for _ in range(1000):  # a file meta group has a dozen elements
-        fp.seek(position)
-        header = fp.read(12)
+    transfer_syntax: str | None = None
+    fp.seek(start)
+    for _ in range(_MAX_FILE_META_ELEMENTS):
+        header = fp.read(8)
         if len(header) < 8:
-            return  # truncated: parsing the meta says so
-        group, element = struct.unpack("<HH", header[:4])
+            break  # the caller finds no data set after it
+        group, element = _META_TAG.unpack_from(header)
         if group != 0x0002:
-            return
-        if header[4:6] in _LONG_HEADER_VR_BYTES:
-            if len(header) < 12:
-                return
-            header_length, length = 12, struct.unpack("<I", header[8:12])[0]
+            break
+        vr = header[4:6]
+        if 0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B:  # two capitals: explicit VR
+            if vr in _LONG_HEADER_VR_BYTES:
+                extra = fp.read(4)
+                if len(extra) < 4:
+                    raise InvalidDicom("damaged file meta: the file ends inside an element header")
+                header_length, length = 12, _META_LONG_LENGTH.unpack(extra)[0]
+            else:
+                header_length, length = 8, _META_SHORT_LENGTH.unpack_from(header, 6)[0]
         else:
-            header_length, length = 8, struct.unpack("<H", header[6:8])[0]
+            header_length, length = 8, _META_LONG_LENGTH.unpack_from(header, 4)[0]
         if length == _UNDEFINED_LENGTH:
-            raise InvalidDicom(f"damaged file meta: element (0002,{element:04X}) has an undefined length")
+            raise InvalidDicom(
+                f"damaged file meta: element (0002,{element:04X}) has an undefined length"
+            )
         left = size - position - header_length
         if length > left:
             raise InvalidDicom(
                 f"damaged file meta: element (0002,{element:04X}) declares {length} bytes,"
                 f" the file has {max(left, 0)} left"
             )
+        if element == 0x0010:
+            transfer_syntax = fp.read(length).strip(b"\x00 ").decode("ascii", "replace") or None
+        else:
+            fp.seek(length, 1)
         position += header_length + length
+    else:
+        raise InvalidDicom(
+            f"damaged file meta: more than {_MAX_FILE_META_ELEMENTS} elements in group 0002"
+        )
+    fp.seek(position)
+    return transfer_syntax, position
+
+
+_META_TAG = struct.Struct("<HH")
+_META_SHORT_LENGTH = struct.Struct("<H")
+_META_LONG_LENGTH = struct.Struct("<I")
 
 
 def _inflate(fp: BinaryIO) -> bytes:
@@ -397,24 +424,11 @@ def _read_part10(file_path: Path, fp: BinaryIO, extra_tags: frozenset[int]) -> P
     else:
         raise InvalidDicom("not DICOM: no DICM prefix and no DICOM element at the start")
 
-    _check_file_meta_lengths(fp, meta_start, size)
-    fp.seek(meta_start)
-    try:
-        meta = read_dataset(
-            fp, is_implicit_VR=False, is_little_endian=True, stop_when=_not_group_0002
-        )
-    except (EOFError, struct.error, ValueError, NotImplementedError) as err:
-        raise InvalidDicom(f"damaged file meta: {err}") from err
-    dataset_offset = fp.tell()
+    transfer_syntax, dataset_offset = _read_file_meta(fp, meta_start, size)
     first_bytes = fp.read(8)
     if len(first_bytes) < 8:
         raise InvalidDicom("no data set after the file meta")
     fp.seek(dataset_offset)
-
-    try:
-        transfer_syntax = str(meta.get("TransferSyntaxUID") or "").strip("\x00 ") or None
-    except (ValueError, TypeError) as err:
-        raise InvalidDicom(f"damaged file meta: {err}") from err
     if transfer_syntax is None:
         transfer_syntax = _guess_raw_encoding(first_bytes)
     _check_uid(transfer_syntax, "Transfer Syntax UID")
