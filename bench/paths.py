@@ -43,6 +43,7 @@ from bench.support import (
     wait_for_files,
     wait_for_port,
     wait_until_ready,
+    warm_memory,
 )
 
 __all__ = ["PATHS", "BenchData", "PathSpec", "RunResult", "Setup", "Target"]
@@ -125,6 +126,11 @@ class Target:
     setup: Setup
     profile: bool = False
     profiles: list[str] = field(default_factory=list)
+
+    def start_window(self, data: BenchData) -> None:
+        """Warm twice the data set's size of memory (what receivers write into), then count."""
+        warm_memory(2 * data.total_bytes)
+        self.monitor.start_window()
 
 
 RunPath = Callable[[Target, BenchData], Awaitable[RunResult]]
@@ -266,7 +272,7 @@ async def dcmtk_reference(target: Target, data: BenchData) -> RunResult:
     process = scp.start()
     try:
         await asyncio.to_thread(wait_for_port, port, process)
-        target.monitor.start_window()
+        target.start_window(data)
         seconds, _ = await run_tool(
             [tool("storescu"), "-aet", CALLING_AE, "-aec", SCP_AE, "+sd", "127.0.0.1", str(port),
              str(data.folder)], target.work / "storescu.log", monitor=target.monitor,
@@ -329,7 +335,7 @@ async def uploader_to_storescp(target: Target, data: BenchData) -> RunResult:
         await service.pool.wait_ready()
         await _settle()
         source = Source(service="watcher", instance="bench")
-        target.monitor.start_window()
+        target.start_window(data)
         started = time.perf_counter()
         await bus.publish(*[
             FileReady(source=source, correlation_id="bench", payload=FileReadyPayload(
@@ -360,7 +366,7 @@ async def storescu_to_router(target: Target, data: BenchData) -> RunResult:
         if target.profile:
             router.start_profile()
             await _settle(1.0)
-        target.monitor.start_window()
+        target.start_window(data)
         seconds, _ = await run_tool(
             [tool("storescu"), "-aet", CALLING_AE, "-aec", ROUTER_AE, "+sd", "127.0.0.1", str(port),
              str(data.folder)], target.work / "storescu.log", monitor=target.monitor,
@@ -387,7 +393,7 @@ async def send_to_router(target: Target, data: BenchData) -> RunResult:
         await pool.start()
         await pool.wait_ready()
         await _settle()
-        target.monitor.start_window()
+        target.start_window(data)
         started = time.perf_counter()
         (summary,) = await send_files(
             [str(path) for path in data.paths],
@@ -555,7 +561,7 @@ async def _end_to_end(target: Target, data: BenchData, mode: str) -> RunResult:
             for child in pipeline.children:
                 child.start_profile()
             await _settle(1.0)
-        target.monitor.start_window()
+        target.start_window(data)
         milestones: dict[str, float] = {}
         started = pipeline.release(staging, staging.name)
         arrived = await wait_for_files(pipeline.out, data.count, target.setup.timeout,
@@ -608,7 +614,7 @@ async def uploader_rabbit_to_router(target: Target, data: BenchData) -> RunResul
                     files=data.ready_files[i:i + 200], batch_key="bench"))
                 for i in range(0, data.count, 200)
             ]  # fmt: skip
-            target.monitor.start_window()
+            target.start_window(data)
             started = time.perf_counter()
             await bus.publish(*events)
             arrived = await wait_for_files(pipeline.out, data.count, target.setup.timeout)
@@ -667,7 +673,7 @@ async def orthanc_to_storescp(target: Target, data: BenchData) -> RunResult:
     target.monitor.add("Orthanc", data.orthanc.process.pid)
     try:
         await asyncio.to_thread(wait_for_port, data.ports["storescp"], process)
-        target.monitor.start_window()
+        target.start_window(data)
         seconds, _ = await _movescu(target, data, SCP_AE)
         figures = target.monitor.end_window()
     finally:
@@ -681,7 +687,7 @@ async def orthanc_to_router(target: Target, data: BenchData) -> RunResult:
     target.monitor.add("Orthanc", data.orthanc.process.pid)
     try:
         await _settle()
-        target.monitor.start_window()
+        target.start_window(data)
         seconds, _ = await _movescu(target, data, ROUTER_AE)
         figures = target.monitor.end_window()
     finally:

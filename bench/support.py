@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 import shutil
 import socket
@@ -136,6 +137,21 @@ class _Tree:
 
 def _cpu(times: Any) -> float:
     return float(times.user + times.system)
+
+
+def warm_memory(size: int) -> None:
+    """Write to ``size`` bytes of fresh memory, one byte per page, and free it again.
+
+    On a virtual machine whose host takes freed guest memory back, the first write to such a
+    page faults in the host: measured here, the router's system time for the large set went
+    from 0.15 s to 0.6–0.9 s depending on how long before the run its memory was freed.
+    Warming just before every clock, references included, gives each path pages that are
+    already there to write into.
+    """
+    page = mmap.PAGESIZE
+    block = bytearray(size)
+    block[::page] = b"\x01" * len(range(0, size, page))
+    del block
 
 
 class ProcessMonitor:
