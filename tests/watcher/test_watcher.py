@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -270,3 +272,21 @@ class TestDuplicates:
         assert [Path(row.path).name for row in duplicates] == ["same.dcm"]
         assert "already sent" in (duplicates[0].reason or "")
         assert not (again / "same.dcm").exists() and list(rig.archive.rglob("same.dcm"))
+
+
+class TestMove:
+    def test_a_move_to_another_file_system_copies_never_overwrites(self, tmp_path: Path) -> None:
+        # An archive on another disk than the import folder: rename fails with EXDEV.
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+            assert os.stat(other).st_dev != tmp_path.stat().st_dev
+            first, second = Path(other) / "a.dcm", Path(other) / "b" / "a.dcm"
+            second.parent.mkdir()
+            first.write_bytes(b"first")
+            second.write_bytes(b"second")
+            made: set[Path] = set()
+            target = tmp_path / "archive" / "stamp" / "a.dcm"
+            moved = [watcher_module._move(p, target, made) for p in (first, second)]
+            assert not first.exists() and not second.exists()
+        assert [p.name for p in moved] == ["a.dcm", "a.1.dcm"]
+        assert [p.read_bytes() for p in moved] == [b"first", b"second"]
+        assert made == {target.parent}

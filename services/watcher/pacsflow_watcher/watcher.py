@@ -22,6 +22,7 @@ and emptied folders are removed. A file is never archived or deleted before that
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import io
 import logging
@@ -128,15 +129,26 @@ def _inspect(path: Path) -> tuple[Verdict, os.stat_result, str | None]:
     return verdict, stat, None if digest is None else digest.hexdigest()
 
 
-def _move(source: Path, target: Path) -> Path:
-    """Move a file, never overwriting: a name already taken gets a counter."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _move(source: Path, target: Path, made: set[Path] | None = None) -> Path:
+    """Move a file, never overwriting: a name already taken gets a counter.
+
+    ``made``: folders this caller has already created, so a batch makes each folder once.
+    """
+    if made is None or target.parent not in made:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if made is not None:
+            made.add(target.parent)
     candidate, counter = target, 1
     while candidate.exists():
         candidate = target.with_name(f"{target.stem}.{counter}{target.suffix}")
         counter += 1
     # Same file system: an atomic rename; otherwise copy then delete the source.
-    shutil.move(os.fspath(source), os.fspath(candidate))
+    try:
+        os.rename(source, candidate)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        shutil.move(os.fspath(source), os.fspath(candidate))
     return candidate
 
 
@@ -525,10 +537,11 @@ class Watcher:
         def move_all() -> dict[int, str | None]:
             # One worker-thread hand-off for the whole batch, not one per file.
             archived: dict[int, str | None] = {}
+            made: set[Path] = set()
             for row, path, stamp in targets:
                 try:
                     target = self._target(self.settings.archive_folder, path, stamp)
-                    archived[row.id] = str(_move(path, target))
+                    archived[row.id] = str(_move(path, target, made))
                 except FileNotFoundError:
                     # Moved before a crash (the target is there) or removed by someone else.
                     log.warning("confirmed file %s is no longer in the import folder", path)
