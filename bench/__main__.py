@@ -3,7 +3,9 @@
 Generates the data sets deterministically into a temporary folder (500 CT images of about
 0.5 MB, 2,000 of about 10 kB), reads them once so they are in the page cache, then runs each
 round every chosen path once, in a fixed order with the references first (DCMTK ``storescu →
-storescp``, ``TCP_NODELAY=1``; Orthanc C-MOVE → ``storescp`` for the C-MOVE path). For each
+storescp``, ``TCP_NODELAY=1``; Orthanc C-MOVE → ``storescp`` for the C-MOVE path). Each clock
+starts right after twice the data set's size of memory was written and freed, so that every
+receiver writes into pages the machine already has (see ``warm_memory``). For each
 data set and path it reports the median over the rounds: images/s, MB/s, the ratio to its
 reference (time of the reference / time of the path: higher is faster), and per process the
 CPU seconds inside the measured window (median) and the peak RSS (largest of the rounds).

@@ -303,6 +303,9 @@ def _walk_to_pixel_data(
 
 #: A file meta group has about a dozen elements; a "group" of thousands is not one.
 _MAX_FILE_META_ELEMENTS = 1000
+_META_TAG = struct.Struct("<HH")
+_META_SHORT_LENGTH = struct.Struct("<H")
+_META_LONG_LENGTH = struct.Struct("<I")
 
 
 def _read_file_meta(fp: BinaryIO, start: int, size: int) -> tuple[str | None, int]:
@@ -354,11 +357,6 @@ def _read_file_meta(fp: BinaryIO, start: int, size: int) -> tuple[str | None, in
         )
     fp.seek(position)
     return transfer_syntax, position
-
-
-_META_TAG = struct.Struct("<HH")
-_META_SHORT_LENGTH = struct.Struct("<H")
-_META_LONG_LENGTH = struct.Struct("<I")
 
 
 def _inflate(fp: BinaryIO) -> bytes:
@@ -414,6 +412,7 @@ def read_part10(
 
 
 def _read_part10(file_path: Path, fp: BinaryIO, extra_tags: frozenset[int]) -> PartTenFile:
+    """:func:`read_part10` on an open stream of the file's bytes."""
     size = fp.seek(0, os.SEEK_END)
     fp.seek(0)
     head = fp.read(132)
