@@ -131,6 +131,16 @@ class TestDebounce:
         assert len(rig.received.files) == 20
 
 
+class TestBatches:
+    async def test_batches_start_small_and_double_up_to_the_batch_size(self, rig: Rig) -> None:
+        # The first images leave after 16 files were read, not after a whole batch (100 here).
+        write_ct_series(rig.inbox / "#3-C", 250)
+        await rig.start()
+        await rig.wait_for(250)
+        assert [len(e.payload.files) for e in rig.received.events] == [16, 32, 64, 100, 38]
+        assert len(set(rig.received.files)) == 250
+
+
 class TestRestart:
     async def test_restart_announces_only_what_was_not_announced(
         self, rig: Rig, tmp_path: Path

@@ -10,9 +10,9 @@ For each import unit that has been quiet for the debounce time (see :mod:`.folde
    with its reason in the ledger; DICOMDIR files go to the archive with the rest of the medium;
 5. emit ``file-ready`` in batches for the files still waiting to be sent.
 
-Steps 2 to 5 run on one batch (``batch_size`` files) at a time: the uploader sends the first
-batch while the watcher validates the next, and each batch costs one ledger transaction and
-one confirmed publish.
+Steps 2 to 5 run on one batch at a time (16 files first, then twice as many each time up to
+``batch_size``): the uploader sends the first batch while the watcher validates the next, and
+each batch costs one ledger transaction and one confirmed publish.
 
 On ``file-sent`` (and on a timer, which also catches up after a crash) files that every
 destination confirmed are moved to ``<archive>/<yyyymmdd_hhmmss>/<path in the import folder>``
@@ -108,6 +108,8 @@ class _Checked:
 
 # Files up to this size are read once into memory: validated and hashed from the same bytes.
 _READ_WHOLE_UP_TO = 32 << 20
+# Files in the first batch of a unit; the batches after it double up to batch_size.
+_FIRST_BATCH = 16
 
 
 def _inspect(path: Path) -> tuple[Verdict, os.stat_result, str | None]:
@@ -284,12 +286,13 @@ class Watcher:
 
         stamp = datetime.fromtimestamp(self.clock()).strftime(_STAMP_FORMAT)
         batch_key = f"{unit.name}@{stamp}"
-        # One event's worth of files at a time: the uploader sends the first batch while the
-        # rest is still being validated, and each batch costs one ledger transaction and one
-        # confirmed publish.
-        size = self.settings.batch_size
-        for start in range(0, len(files), size):
+        # Batches start small and double, so the first images are on their way after a few
+        # files were read, not after a whole batch_size of them.
+        start, size = 0, min(_FIRST_BATCH, self.settings.batch_size)
+        while start < len(files):
             await self._handle_files(files[start:start + size], identity, stamp, batch_key)
+            start += size
+            size = min(2 * size, self.settings.batch_size)
         return True
 
     async def _handle_files(self, files: Sequence[Path], identity: PatientIdentity | None,
