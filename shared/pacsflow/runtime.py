@@ -55,6 +55,8 @@ class ServiceContext:
     db: Database
     registry: CollectorRegistry
     health: HealthServer
+    #: the other services running in this process (``pacsflow run``)
+    companions: tuple[str, ...] = ()
 
     @property
     def source(self) -> Source:
@@ -130,7 +132,12 @@ async def run_services(
 
         tasks = {
             asyncio.create_task(
-                _run_one(ServiceContext(name, settings, bus, db, registry, health), main, up),
+                _run_one(
+                    ServiceContext(name, settings, bus, db, registry, health,
+                                   companions=tuple(other for other in mains if other != name)),
+                    main,
+                    up,
+                ),
                 name=name,
             ): name
             for name, main in mains.items()

@@ -4,10 +4,11 @@
 source) so tests run it on SQLite and the memory bus or on the real servers alike.
 
 Receiving runs in threads of this process (``router.processes: 1``) or in a pool of worker
-processes. Either way the receivers only write files and report to a :class:`Collector`;
-this process drains it every ``flush_seconds`` into metrics, study updates (one transaction
-per flush) and ``file-ready`` events of forward routes, and sweeps for quiet studies every
-``sweep_seconds``. What a flush could not write stays pending and is tried again.
+processes (with ``processes: 1`` too when other services share this process). Either way the
+receivers only write files and report to a :class:`Collector`; this process drains it every
+``flush_seconds`` into metrics, study updates (one transaction per flush) and ``file-ready``
+events of forward routes, and sweeps for quiet studies every ``sweep_seconds``. What a flush
+could not write stays pending and is tried again.
 """
 
 from __future__ import annotations
@@ -60,9 +61,11 @@ class Router:
         registry: CollectorRegistry,
         source: Source,
         clock: Callable[[], float] = time.time,
+        shares_process: bool = False,
     ) -> None:
         self.settings = settings
         self.config = settings.router
+        self.shares_process = shares_process
         self.bus = bus
         self.source = source
         self.clock = clock
@@ -130,7 +133,9 @@ class Router:
         receiver = self._receiver_config(routes)
         self._listener = listen_socket(self.config.host, self.config.port)
         processes = self.config.processes or os.cpu_count() or 1
-        if processes == 1:
+        # Beside other services (pacsflow run) even one receiver is a process of its own:
+        # in threads here it would share one GIL with the watcher and the uploader.
+        if processes == 1 and not self.shares_process:
             self._slots = AssociationSlots(self.config.max_associations)
             self._server, self.table = build_server(
                 receiver, self._listener, self.collector, self._slots

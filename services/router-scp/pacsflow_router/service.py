@@ -17,5 +17,6 @@ CONSUMES: tuple[str, ...] = ()
 
 async def run(ctx: ServiceContext) -> None:
     """Receive and report until cancelled."""
-    router = Router(ctx.settings, db=ctx.db, bus=ctx.bus, registry=ctx.registry, source=ctx.source)
+    router = Router(ctx.settings, db=ctx.db, bus=ctx.bus, registry=ctx.registry, source=ctx.source,
+                    shares_process=bool(ctx.companions))
     await router.run()
