@@ -299,6 +299,7 @@ async def test_a_storage_folder_that_cannot_be_read_fails_one_sweep_not_the_rout
         await harness.router.sweep()
         completer.sweep = real_sweep  # type: ignore[method-assign]
         await harness.router.sweep()
+        assert harness.metric("pacsflow_router_sweep_failures_total", target="storage") == 1
     assert failures == [1]
     assert any("completion sweep failed" in r.getMessage() and "Permission denied"
                in r.getMessage() for r in caplog.records)  # fmt: skip

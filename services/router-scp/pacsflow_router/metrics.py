@@ -73,6 +73,12 @@ class RouterMetrics:
             ["target"],
             registry=registry,
         )
+        self.sweep_failures = Counter(
+            "pacsflow_router_sweep_failures_total",
+            "Completion sweeps that failed (retried), by what failed",
+            ["target"],
+            registry=registry,
+        )
         self.routes = Gauge("pacsflow_router_routes", "Routes in force", registry=registry)
         self.route_reloads = Counter(
             "pacsflow_router_route_reloads_total",

@@ -284,12 +284,20 @@ class Router:
                         pruned,
                         self.config.retention_days,
                     )
-        except (StoreError, BusError, OSError) as err:
-            # OSError: a storage folder that cannot be read for now (a share, permissions).
-            log.error("completion sweep failed (retried): %s", err)
+        except StoreError as err:
+            self._sweep_failed("store", err)
+        except BusError as err:
+            self._sweep_failed("bus", err)
+        except OSError as err:
+            # A storage folder that cannot be read for now (a share, permissions).
+            self._sweep_failed("storage", err)
         if self._pool is not None and self._pool.alive() < self._pool.count:
             # A worker died (killed, out of memory): the service must restart, not limp on.
             raise RuntimeError("a router worker process died")
+
+    def _sweep_failed(self, target: str, err: Exception) -> None:
+        log.error("completion sweep failed (retried): %s", err)
+        self.metrics.sweep_failures.labels(target).inc()
 
     # --- routes -----------------------------------------------------------------------------
 
