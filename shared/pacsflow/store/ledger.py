@@ -356,13 +356,26 @@ class Ledger:
             return
         now = self._clock()
         async with self._db.transaction() as tx:
-            await tx.executemany(
-                "INSERT INTO ledger_deliveries (file_id, destination, status, attempts,"
-                " created_at, updated_at) VALUES ($1, $2, 'pending', 0, $3, $3)"
-                " ON CONFLICT (file_id, destination) DO NOTHING",
-                [(file_id, target, now) for file_id in ids for target in targets],
-            )
-            await self._refresh(tx, ids, now)
+            if tx.dialect == "postgres":
+                # One statement for the batch, not one execution per row.
+                await tx.execute(
+                    "INSERT INTO ledger_deliveries (file_id, destination, status, attempts,"
+                    " created_at, updated_at)"
+                    " SELECT f, d, 'pending', 0, $3, $3 FROM unnest($1::bigint[]) AS f"
+                    " CROSS JOIN unnest($2::text[]) AS d"
+                    " ON CONFLICT (file_id, destination) DO NOTHING",
+                    ids, targets, now,
+                )  # fmt: skip
+            else:
+                await tx.executemany(
+                    "INSERT INTO ledger_deliveries (file_id, destination, status, attempts,"
+                    " created_at, updated_at) VALUES ($1, $2, 'pending', 0, $3, $3)"
+                    " ON CONFLICT (file_id, destination) DO NOTHING",
+                    [(file_id, target, now) for file_id in ids for target in targets],
+                )
+            # A new pending delivery leaves a ready or sending file as it is (pending means
+            # ready, and sending wins over it): only a sent or failed file changes status.
+            await self._refresh(tx, ids, now, only=("sent", "failed"))
 
     async def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
         """Record send outcomes per file and destination; update the files' statuses."""
@@ -393,9 +406,14 @@ class Ledger:
             )
             await self._refresh(tx, list(dict.fromkeys(o.file_id for o in outcomes)), now)
 
-    async def _refresh(self, tx: Database, file_ids: Sequence[int], now: float) -> None:
+    async def _refresh(
+        self, tx: Database, file_ids: Sequence[int], now: float,
+        only: Sequence[FileStatus] = ("ready", "sending", "sent", "failed"),
+    ) -> None:
         # The file's status follows from its deliveries: in progress first, then waiting,
-        # then failed; sent only when every destination confirmed.
+        # then failed; sent only when every destination confirmed. ``only``: the statuses
+        # that can change (every row rewritten costs an index entry in each index).
+        statuses = ", ".join(f"'{status}'" for status in only if status in FILE_STATUSES)
         for chunk in _chunks(file_ids, 1):
             await tx.execute(
                 "UPDATE ledger_files SET status = (SELECT CASE"
@@ -408,7 +426,7 @@ class Ledger:
                 " FROM ledger_deliveries d WHERE d.file_id = ledger_files.id),"
                 " updated_at = $1"
                 f" WHERE id IN ({_placeholders(len(chunk), 2)})"
-                " AND status IN ('ready', 'sending', 'sent', 'failed')",
+                f" AND status IN ({statuses})",
                 now,
                 *chunk,
             )
@@ -484,6 +502,15 @@ class Ledger:
     async def mark_archived(self, archive_paths: Mapping[int, str | None]) -> None:
         """Mark files (id -> where they were moved, None when deleted) as archived."""
         now = self._clock()
+        if self._db.dialect == "postgres":
+            # One statement for the batch, not one execution per row.
+            await self._db.execute(
+                "UPDATE ledger_files f SET status = 'archived', archive_path = a.path,"
+                " updated_at = $3 FROM unnest($1::bigint[], $2::text[]) AS a (id, path)"
+                " WHERE f.id = a.id",
+                list(archive_paths), list(archive_paths.values()), now,
+            )  # fmt: skip
+            return
         await self._db.executemany(
             "UPDATE ledger_files SET status = 'archived', archive_path = $2, updated_at = $3"
             " WHERE id = $1",
