@@ -795,6 +795,22 @@ class LedgerContract(StoreCase):
         await ledger.add_deliveries([both], ["research"])
         assert [f.id for f in await ledger.list_confirmed()] == [warn]
 
+    async def test_a_new_destination_makes_a_sent_or_failed_file_ready(
+        self, ledger: Ledger
+    ) -> None:
+        sent, failed, sending, waiting = (
+            r.id for r in await ledger.record_seen([seen(n) for n in ("s", "f", "g", "w")])
+        )
+        await ledger.add_deliveries([sent, failed, sending, waiting], ["pacs"])
+        await ledger.record_outcomes([
+            Outcome(sent, "pacs", "sent", 0), Outcome(failed, "pacs", "failed", 0xC000),
+            Outcome(sending, "pacs", "sending"),
+        ])  # fmt: skip
+        await ledger.add_deliveries([sent, failed, sending, waiting], ["pacs", "backup"])
+        statuses = {f.id: f.status for f in await ledger.get_files([sent, failed, sending,
+                                                                     waiting])}  # fmt: skip
+        assert statuses == {sent: "ready", failed: "ready", sending: "sending", waiting: "ready"}
+
     async def test_archived_file_is_no_longer_listed(self, ledger: Ledger) -> None:
         a = await self._sent(ledger, "a", uid="1", sha="x")
         b = await self._sent(ledger, "b", uid="2", sha="y")
