@@ -293,10 +293,10 @@ class TestMove:
             second.parent.mkdir()
             first.write_bytes(b"first")
             second.write_bytes(b"second")
-            made: set[Path] = set()
+            made: set[str] = set()
             target = tmp_path / "archive" / "stamp" / "a.dcm"
-            moved = [watcher_module._move(p, target, made) for p in (first, second)]
+            moved = [Path(watcher_module._move(p, target, made)) for p in (first, second)]
             assert not first.exists() and not second.exists()
         assert [p.name for p in moved] == ["a.dcm", "a.1.dcm"]
         assert [p.read_bytes() for p in moved] == [b"first", b"second"]
-        assert made == {target.parent}
+        assert made == {str(target.parent)}

@@ -131,18 +131,23 @@ def _inspect(path: Path) -> tuple[Verdict, os.stat_result, str | None]:
     return verdict, stat, None if digest is None else digest.hexdigest()
 
 
-def _move(source: Path, target: Path, made: set[Path] | None = None) -> Path:
-    """Move a file, never overwriting: a name already taken gets a counter.
+def _move(source: str | os.PathLike[str], target: str | os.PathLike[str],
+          made: set[str] | None = None) -> str:  # fmt: skip
+    """Move a file, never overwriting: a name already taken gets a counter; where it went.
 
     ``made``: folders this caller has already created, so a batch makes each folder once.
+    Strings and ``os.path``, not ``pathlib``: this runs for every archived file.
     """
-    if made is None or target.parent not in made:
-        target.parent.mkdir(parents=True, exist_ok=True)
+    source, target = os.fspath(source), os.fspath(target)
+    folder = os.path.dirname(target)
+    if made is None or folder not in made:
+        os.makedirs(folder, exist_ok=True)
         if made is not None:
-            made.add(target.parent)
+            made.add(folder)
     candidate, counter = target, 1
-    while candidate.exists():
-        candidate = target.with_name(f"{target.stem}.{counter}{target.suffix}")
+    stem, suffix = os.path.splitext(target)
+    while os.path.lexists(candidate):
+        candidate = f"{stem}.{counter}{suffix}"
         counter += 1
     # Same file system: an atomic rename; otherwise copy then delete the source.
     try:
@@ -150,7 +155,7 @@ def _move(source: Path, target: Path, made: set[Path] | None = None) -> Path:
     except OSError as err:
         if err.errno != errno.EXDEV:
             raise
-        shutil.move(os.fspath(source), os.fspath(candidate))
+        shutil.move(source, candidate)
     return candidate
 
 
@@ -182,6 +187,8 @@ class Watcher:
         # of their own.
         self._archive_waiting: object | None = None
         self._wake = asyncio.Event()
+        # "<root>/" of each import folder, to find a file's place below its root by prefix.
+        self._root_prefixes = [os.path.join(root, "") for root in self.folders.roots]
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -262,11 +269,6 @@ class Watcher:
 
     # --- one unit ------------------------------------------------------------------------
 
-    def _root_of(self, path: Path) -> Path:
-        root = self.folders.root_of(path)
-        assert root is not None, f"{path} is outside the import folders"
-        return root
-
     async def handle_unit(self, unit: Path) -> bool:
         """Validate, record and announce one unit; False when it must wait longer."""
         files = await asyncio.to_thread(lambda: list(walk_files(unit)))
@@ -311,7 +313,7 @@ class Watcher:
             )
             for c in checked
         ])
-        by_path = {Path(r.path): r for r in recorded}
+        by_path = {r.path: r for r in recorded}
         ledger_rows = {r.id: r for r in await self.ledger.get_files([r.id for r in recorded])}
 
         invalid: dict[int, str] = {}
@@ -319,7 +321,7 @@ class Watcher:
         dicomdirs: list[LedgerFile] = []
         candidates: list[tuple[LedgerFile, _Checked]] = []
         for item in checked:
-            row = ledger_rows[by_path[item.path].id]
+            row = ledger_rows[by_path[str(item.path)].id]
             if row.status == "invalid" or item.verdict.outcome == "invalid":
                 invalid[row.id] = row.reason or item.verdict.reason
             elif item.verdict.outcome == "dicomdir":
@@ -383,8 +385,13 @@ class Watcher:
 
     # --- moving files out -----------------------------------------------------------------
 
-    def _target(self, folder: Path, path: Path, stamp: str) -> Path:
-        return folder / stamp / path.relative_to(self._root_of(path))
+    def _target(self, folder: Path, path: str | Path, stamp: str) -> str:
+        """``<folder>/<stamp>/<path below its import folder>``."""
+        text = os.fspath(path)
+        for prefix in self._root_prefixes:
+            if text.startswith(prefix):
+                return os.path.join(folder, stamp, text[len(prefix):])
+        raise AssertionError(f"{path} is outside the import folders")
 
     async def _quarantine(self, reasons: dict[int, str], rows: dict[int, LedgerFile],
                           stamp: str) -> None:
@@ -532,19 +539,17 @@ class Watcher:
         if not files:
             return 0
         now = datetime.fromtimestamp(self.clock()).strftime(_STAMP_FORMAT)
-        targets = [
-            (row, Path(row.path), (row.batch_key or "").rpartition("@")[2] or now)
-            for row in files
-        ]
+        targets = [(row, row.path, (row.batch_key or "").rpartition("@")[2] or now)
+                   for row in files]  # fmt: skip
 
         def move_all() -> dict[int, str | None]:
             # One worker-thread hand-off for the whole batch, not one per file.
             archived: dict[int, str | None] = {}
-            made: set[Path] = set()
+            made: set[str] = set()
             for row, path, stamp in targets:
                 try:
                     target = self._target(self.settings.archive_folder, path, stamp)
-                    archived[row.id] = str(_move(path, target, made))
+                    archived[row.id] = _move(path, target, made)
                 except FileNotFoundError:
                     # Moved before a crash (the target is there) or removed by someone else.
                     log.warning("confirmed file %s is no longer in the import folder", path)
@@ -558,11 +563,11 @@ class Watcher:
         await self.ledger.mark_archived(archived)
         if count:
             self.metrics.archived.inc(len(archived))
-        await self._remove_empty_folders(Path(row.path) for row in files)
+        await self._remove_empty_folders(row.path for row in files)
         return len(archived)
 
-    async def _remove_empty_folders(self, paths: Iterable[Path]) -> None:
-        folders = {p.parent for p in paths}
+    async def _remove_empty_folders(self, paths: Iterable[str | Path]) -> None:
+        folders = {Path(folder) for folder in {os.path.dirname(p) for p in paths}}
 
         def remove() -> None:
             for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
