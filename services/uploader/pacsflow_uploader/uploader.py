@@ -54,7 +54,7 @@ from pacsflow.events import (
     decode_event,
 )
 from pacsflow.store.ledger import DeliveryStatus
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from pacsflow_uploader.backpressure import Breaker, LoadGate, backoff, load_per_core
 from pacsflow_uploader.deliveries import Claim, DeliveryQueue, Settlement
@@ -134,6 +134,12 @@ class _Destination:
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        # This destination's metric series, looked up once: labels() costs more than the
+        # update, and every file updates several.
+        metrics = uploader.metrics
+        self._store_seconds = metrics.store_seconds.labels(destination=name)
+        self._delivery_seconds = metrics.delivery_seconds.labels(destination=name)
+        self._counted: dict[str, tuple[Counter, Counter]] = {}
 
     def wake(self) -> None:
         self._wake.set()
@@ -343,17 +349,21 @@ class _Destination:
         name = self.name
         attempts = claim.attempts + 1
         if result.seconds and result.category != "invalid":
-            metrics.store_seconds.labels(destination=name).observe(result.seconds)
+            self._store_seconds.observe(result.seconds)
 
         def count(status: str) -> None:
-            metrics.files.labels(destination=name, status=status).inc()
-            metrics.bytes.labels(destination=name, status=status).inc(result.size)
+            series = self._counted.get(status)
+            if series is None:
+                series = self._counted[status] = (
+                    metrics.files.labels(destination=name, status=status),
+                    metrics.bytes.labels(destination=name, status=status),
+                )
+            series[0].inc()
+            series[1].inc(result.size)
 
         if result.ok:
             count("sent" if result.category == "success" else "warning")
-            metrics.delivery_seconds.labels(destination=name).observe(
-                max(0.0, up.clock() - claim.queued_at)
-            )
+            self._delivery_seconds.observe(max(0.0, up.clock() - claim.queued_at))
             status: DeliveryStatus = "sent" if result.category == "success" else "warning"
             return Settlement(claim, status, result.status, result.error, attempts)
         if result.category == "refused":
