@@ -9,6 +9,7 @@ network, without decoding or re-encoding them, and renames the result into place
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import struct
@@ -572,32 +573,50 @@ def write_part10(
     it is written to a temporary file in the same folder and renamed. With ``fsync`` the
     file and its folder are flushed to disk before this returns.
     """
-    target = Path(path)
-    header = (
-        b"\x00" * 128
-        + b"DICM"
-        + encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae_title)
+    target = os.fspath(path)
+    folder, name = os.path.split(target)
+    header = _PREAMBLE + encode_file_meta(
+        sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae_title
     )
-    temporary = target.parent / f".{target.name}.{uuid.uuid4().hex}.part"
+    temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.part")
     # Mode 0o666 so the process umask decides, as for any other file the service writes.
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    # One writev of header and data set: no file object, no copy into its buffer.
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        with os.fdopen(descriptor, "wb") as out:
-            out.write(header)
-            out.write(dataset)
+        try:
+            _write_all(descriptor, [header, memoryview(dataset)])
             if fsync:
-                out.flush()
-                os.fsync(out.fileno())
+                os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         os.replace(temporary, target)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
         raise
     if fsync:
-        _fsync_folder(target.parent)
-    return target
+        _fsync_folder(folder or ".")
+    return Path(target)
 
 
-def _fsync_folder(folder: Path) -> None:
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def _write_all(descriptor: int, buffers: list[bytes | memoryview]) -> None:
+    """Write every byte of ``buffers``; a regular file may take less than asked at a time."""
+    views = [memoryview(buffer).cast("B") for buffer in buffers]
+    while views:
+        written = os.writev(descriptor, views)
+        if written == 0:
+            raise OSError("write returned 0 bytes")
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def _fsync_folder(folder: str | os.PathLike[str]) -> None:
     # The rename is durable only once the folder entry is on disk too.
     descriptor = os.open(folder, os.O_RDONLY)
     try:
