@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pacsflow_router.paths import EMPTY, MAX_PART, instance_path, safe_part
+from pacsflow_router.paths import EMPTY, MAX_PART, instance_parts, instance_path, safe_part
 
 FORBIDDEN = set('/\\\x00:*?"<>|') | {chr(c) for c in range(0x20)} | {"\x7f"}
 DEVICES = {
@@ -100,3 +100,15 @@ def test_the_layout_is_patient_study_series_instance() -> None:
     where = instance_path(Path("/r"), "PID", "20240102", "101010", "1.2.3", "1.2.3.4")
     assert where.file == Path("/r/PID/20240102_101010/1.2.3/1.2.3.4.dcm")
     assert where.study_folder == Path("/r/PID/20240102_101010")
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts, texts, texts, texts, texts)
+def test_the_string_layout_is_the_path_layout(
+    patient: str, date: str, time: str, series: str, instance: str
+) -> None:
+    # The router builds strings, the harvester Paths: both must file an instance alike.
+    where = instance_path(Path("/data/route"), patient, date, time, series, instance)
+    assert instance_parts("/data/route", patient, date, time, series, instance) == (
+        str(where.study_folder), str(where.series_folder), str(where.file)
+    )

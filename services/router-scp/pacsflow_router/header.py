@@ -64,15 +64,19 @@ class Header:
     study_description: str
 
 
+# (tag+length, tag+VR+short length, long length) for little and big endian.
+_STRUCTS = {
+    little: (struct.Struct(prefix + "HHI"), struct.Struct(prefix + "HH2sH"), struct.Struct(prefix + "I"))
+    for little, prefix in ((True, "<"), (False, ">"))
+}  # fmt: skip
+
+
 class _Walker:
     def __init__(self, data: bytes, implicit: bool, little: bool) -> None:
         self.data = data
         self.size = len(data)
         self.implicit = implicit
-        prefix = "<" if little else ">"
-        self.tag_length = struct.Struct(prefix + "HHI")
-        self.tag_vr_length = struct.Struct(prefix + "HH2sH")
-        self.length32 = struct.Struct(prefix + "I")
+        self.tag_length, self.tag_vr_length, self.length32 = _STRUCTS[little]
 
     def element(self, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
         """(tag, VR, value length, value offset) of the element at ``pos``."""
@@ -94,20 +98,41 @@ class _Walker:
         return (group << 16) | elem, vr, short, pos + 8
 
     def top_level(self) -> dict[int, bytes]:
+        # element() inlined, with everything in locals: this loop runs for every element
+        # before Series Instance UID of every instance received.
+        data, size, implicit = self.data, self.size, self.implicit
+        tag_length, tag_vr_length = self.tag_length.unpack_from, self.tag_vr_length.unpack_from
+        length32 = self.length32.unpack_from
         found: dict[int, bytes] = {}
         pos = 0
-        while pos < self.size:
-            tag, vr, length, start = self.element(pos, self.implicit)
+        while pos < size:
+            if pos + 8 > size:
+                raise InvalidDicom("truncated: the data set ends inside an element header")
+            vr: bytes | None = None
+            if implicit:
+                group, elem, length = tag_length(data, pos)
+                start = pos + 8
+            else:
+                group, elem, vr, length = tag_vr_length(data, pos)
+                start = pos + 8
+                if group == 0xFFFE:
+                    vr, length = None, tag_length(data, pos)[2]
+                elif vr in _LONG_VRS:
+                    if pos + 12 > size:
+                        raise InvalidDicom(
+                            "truncated: the data set ends inside an element header")
+                    length, start = length32(data, pos + 8)[0], pos + 12
+            tag = (group << 16) | elem
             if tag > _LAST_WANTED:
                 break
             if length == _UNDEFINED:
-                pos = self.skip_sequence(start, self.implicit or vr == b"UN", 1)
+                pos = self.skip_sequence(start, implicit or vr == b"UN", 1)
                 continue
             end = start + length
-            if end > self.size:
+            if end > size:
                 raise InvalidDicom("truncated: the data set ends inside an element value")
             if tag in _WANTED:
-                found[tag] = self.data[start:end]
+                found[tag] = data[start:end]
             pos = end
         return found
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["EMPTY", "MAX_PART", "InstancePath", "instance_path", "safe_part"]
+__all__ = ["EMPTY", "MAX_PART", "InstancePath", "instance_parts", "instance_path", "safe_part"]
 
 #: the longest part this module produces (well below the 255 bytes of common file systems,
 #: even when every character takes 4 bytes in UTF-8)
@@ -42,9 +43,25 @@ def _digest(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_LENGTH]
 
 
-@functools.lru_cache(maxsize=4096)
+# A value of only these characters that neither starts nor ends with "." is kept as it is
+# (UIDs, most IDs): checked by one match instead of character by character.
+_ALREADY_SAFE = re.compile(r"[A-Za-z0-9_+=@,^#-][A-Za-z0-9_.+=@,^#-]*")
+
+
 def safe_part(value: str) -> str:
     """One path component made from a header value; never empty, never ``.``/``..``."""
+    if (
+        len(value) <= MAX_PART
+        and _ALREADY_SAFE.fullmatch(value)
+        and not value.endswith(".")
+        and not _DEVICE.match(value.split(".", 1)[0])
+    ):
+        return value
+    return _cleaned(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cleaned(value: str) -> str:
     value = value.strip(" \x00")
     if not value:
         return EMPTY
@@ -73,6 +90,25 @@ class InstancePath:
     file: Path
 
 
+def instance_parts(
+    root: str,
+    patient_id: str,
+    study_date: str,
+    study_time: str,
+    series_uid: str,
+    sop_instance_uid: str,
+) -> tuple[str, str, str]:
+    """The study folder, series folder and file of :func:`instance_path`, as strings (the
+    router builds one per instance received: strings cost less than ``pathlib``)."""
+    date = study_date.strip(" \x00")
+    time = study_time.strip(" \x00")
+    study = os.path.join(
+        root, safe_part(patient_id), safe_part(f"{date}_{time}" if date or time else "")
+    )
+    series = os.path.join(study, safe_part(series_uid))
+    return study, series, os.path.join(series, f"{safe_part(sop_instance_uid)}.dcm")
+
+
 def instance_path(
     root: Path,
     patient_id: str,
@@ -82,8 +118,7 @@ def instance_path(
     sop_instance_uid: str,
 ) -> InstancePath:
     """``<root>/<PatientID>/<StudyDate>_<StudyTime>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``."""
-    date = study_date.strip(" \x00")
-    time = study_time.strip(" \x00")
-    study = root / safe_part(patient_id) / safe_part(f"{date}_{time}" if date or time else "")
-    series = study / safe_part(series_uid)
-    return InstancePath(study, series, series / f"{safe_part(sop_instance_uid)}.dcm")
+    study, series, file = instance_parts(
+        os.fspath(root), patient_id, study_date, study_time, series_uid, sop_instance_uid
+    )
+    return InstancePath(Path(study), Path(series), Path(file))

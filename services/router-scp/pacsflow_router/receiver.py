@@ -29,7 +29,6 @@ import os
 import threading
 import time
 from collections.abc import Collection
-from typing import Any
 
 from pacsflow.dicom.files import write_part10
 from pacsflow.dicom.scp import STORAGE_TRANSFER_SYNTAXES, AssociationInfo
@@ -39,7 +38,7 @@ from pydicom._uid_dict import UID_dictionary
 
 from pacsflow_router.collector import Collector, Stored
 from pacsflow_router.header import scan_header
-from pacsflow_router.paths import instance_path
+from pacsflow_router.paths import instance_parts
 from pacsflow_router.routes import ActiveRoute, RouteTable
 from pacsflow_router.scp import Rejection, StoreRequest
 
@@ -120,8 +119,8 @@ class RouterHandler:
             )  # fmt: skip
             self.collector.count("failures", route.ae_title, "invalid")
             return Status.CANNOT_UNDERSTAND
-        where = instance_path(
-            route.root,
+        study_folder, series_folder, file = instance_parts(
+            os.fspath(route.root),
             header.patient_id,
             header.study_date,
             header.study_time,
@@ -130,9 +129,7 @@ class RouterHandler:
         )
         sop_class = header.sop_class_uid or request.command.affected_sop_class_uid
         try:
-            self._write(
-                where.series_folder, where.file, request, sop_class, header.sop_instance_uid
-            )
+            self._write(series_folder, file, request, sop_class, header.sop_instance_uid)
         except OSError as err:
             return self._failed(route, request, err)
         record = Stored(
@@ -144,9 +141,9 @@ class RouterHandler:
             transfer_syntax_uid=request.transfer_syntax_uid,
             patient_id=header.patient_id,
             study_description=header.study_description,
-            study_folder=str(where.study_folder),
-            series_folder=str(where.series_folder),
-            path=str(where.file),
+            study_folder=study_folder,
+            series_folder=series_folder,
+            path=file,
             size=request.size,
             received_at=time.time(),
             forward=route.forward,
@@ -157,9 +154,9 @@ class RouterHandler:
     # --- writing ---------------------------------------------------------------------------
 
     def _write(
-        self, folder: Any, file: Any, request: StoreRequest, sop_class: str, sop_instance: str
+        self, folder: str, file: str, request: StoreRequest, sop_class: str, sop_instance: str
     ) -> None:
-        key = str(folder)
+        key = folder
         for attempt in (1, 2):
             if key not in self._folders:
                 os.makedirs(folder, exist_ok=True)
