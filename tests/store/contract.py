@@ -659,6 +659,26 @@ class LedgerContract(StoreCase):
         assert (first.new, second.new) == (True, False)
         assert await ledger.count_files() == 1
 
+    async def test_whole_rows_of_seen_files_are_what_the_store_holds(
+        self, ledger: Ledger, clock: FakeClock
+    ) -> None:
+        [known] = await ledger.record_seen([seen("known", sha256="k")])
+        await ledger.mark_invalid({known.id: "not DICOM"})
+        clock.now += 5
+        files = [seen("known", sha256="k"),
+                 seen("new", sha256="ab", sop_instance_uid="1.2.3", series_instance_uid="1.2",
+                      study_instance_uid="1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                      transfer_syntax_uid="1.2.840.10008.1.2.1", batch_key="unit@1"),
+                 seen("bare")]  # fmt: skip
+        rows = await ledger.record_seen_rows(files)
+        # New rows are built, not read back: they must equal what a read gives.
+        stored = await ledger.get_files([row.id for row in rows])
+        assert sorted(rows, key=lambda row: row.id) == stored
+        assert [(r.path, r.status) for r in rows] == [
+            ("/inbox/known", "invalid"), ("/inbox/new", "ready"), ("/inbox/bare", "ready"),
+        ]  # fmt: skip
+        assert rows[1].created_at == clock() and rows[0].created_at < clock()
+
     async def test_status_tells_what_a_known_file_still_needs(self, ledger: Ledger) -> None:
         [rec] = await ledger.record_seen([seen("a")])
         await ledger.mark_invalid({rec.id: "not DICOM"})

@@ -301,7 +301,7 @@ class Watcher:
                             stamp: str, batch_key: str) -> None:  # fmt: skip
         """Validate, record and announce files of one unit (or move them aside)."""
         checked = await asyncio.to_thread(self._check_files, files, identity)
-        recorded = await self.ledger.record_seen([
+        recorded = await self.ledger.record_seen_rows([
             SeenFile(
                 path=str(c.path), size=c.size, mtime=c.mtime, sha256=c.sha256,
                 sop_instance_uid=c.verdict.file.sop_instance_uid if c.verdict.file else None,
@@ -314,14 +314,14 @@ class Watcher:
             for c in checked
         ])
         by_path = {r.path: r for r in recorded}
-        ledger_rows = {r.id: r for r in await self.ledger.get_files([r.id for r in recorded])}
+        ledger_rows = {r.id: r for r in recorded}
 
         invalid: dict[int, str] = {}
         handled_before: dict[int, str] = {}
         dicomdirs: list[LedgerFile] = []
         candidates: list[tuple[LedgerFile, _Checked]] = []
         for item in checked:
-            row = ledger_rows[by_path[str(item.path)].id]
+            row = by_path[str(item.path)]
             if row.status == "invalid" or item.verdict.outcome == "invalid":
                 invalid[row.id] = row.reason or item.verdict.reason
             elif item.verdict.outcome == "dicomdir":
@@ -374,7 +374,7 @@ class Watcher:
         stamp = datetime.fromtimestamp(self.clock()).strftime(_STAMP_FORMAT)
         reason = f"folder name {unit.name!r} does not match the rename pattern"
         stats = [(p, p.stat()) for p in files]
-        recorded = await self.ledger.record_seen([
+        recorded = await self.ledger.record_seen_rows([
             SeenFile(path=str(p), size=s.st_size, mtime=s.st_mtime, batch_key=f"{unit.name}@{stamp}")
             for p, s in stats
         ])

@@ -240,13 +240,38 @@ class Ledger:
 
     async def record_seen(self, files: Sequence[SeenFile]) -> list[Recorded]:
         """Record files seen on disk, once per path+size+mtime; one result per input, in order."""
+        return (await self._record_seen(files))[0]
+
+    async def record_seen_rows(self, files: Sequence[SeenFile]) -> list[LedgerFile]:
+        """:meth:`record_seen`, answered with each file's whole row, in input order: a row
+        this call created is what it inserted (no second round trip to read it), the
+        others are read back."""
+        recorded, now = await self._record_seen(files)
+        known = {row.id: row for row in await self.get_files(r.id for r in recorded if not r.new)}
+        rows = []
+        for result, seen in zip(recorded, files, strict=True):
+            if not result.new:
+                rows.append(known[result.id])
+                continue
+            rows.append(LedgerFile(
+                id=result.id, path=result.path, size=result.size, mtime=result.mtime,
+                sha256=seen.sha256, sop_instance_uid=seen.sop_instance_uid,
+                series_instance_uid=seen.series_instance_uid,
+                study_instance_uid=seen.study_instance_uid, sop_class_uid=seen.sop_class_uid,
+                transfer_syntax_uid=seen.transfer_syntax_uid, batch_key=seen.batch_key,
+                status="ready", reason=None, archive_path=None, created_at=now,
+                updated_at=now, announced_at=None,
+            ))  # fmt: skip
+        return rows
+
+    async def _record_seen(self, files: Sequence[SeenFile]) -> tuple[list[Recorded], float]:
         keys = [(os.fspath(f.path), int(f.size), float(f.mtime)) for f in files]
         unique: dict[tuple[str, int, float], SeenFile] = {}
         for key, seen in zip(keys, files, strict=True):
             unique.setdefault(key, seen)
-        if not unique:
-            return []
         now = self._clock()
+        if not unique:
+            return [], now
         found: dict[tuple[str, int, float], tuple[int, FileStatus]] = {}
         created: set[tuple[str, int, float]] = set()
         columns = 13
@@ -296,7 +321,7 @@ class Ledger:
             # The same file twice in one batch: only its first mention created the row.
             created.discard(key)
             results.append(Recorded(file_id, key[0], key[1], key[2], status, new))
-        return results
+        return results, now
 
     async def set_details(self, details: Sequence[FileDetails]) -> None:
         """Store content hashes and DICOM identifiers found by reading recorded files."""
