@@ -645,6 +645,21 @@ class LedgerContract(StoreCase):
         assert again[0].id == first[1].id and again[2].id == first[0].id
         assert await ledger.count_files() == 3
 
+    async def test_looking_up_first_finds_and_records_the_same(self, ledger: Ledger) -> None:
+        first = await ledger.record_seen([seen("a"), seen("b")])
+        await ledger.mark_invalid({first[1].id: "not DICOM"})
+        again = await ledger.record_seen(
+            [seen("b"), seen("c"), seen("a"), seen("c"), seen("a", size=5)], look_up_first=True
+        )
+        assert [(r.path, r.size, r.new, r.status) for r in again] == [
+            ("/inbox/b", 100, False, "invalid"), ("/inbox/c", 100, True, "ready"),
+            ("/inbox/a", 100, False, "ready"), ("/inbox/c", 100, False, "ready"),
+            ("/inbox/a", 5, True, "ready"),
+        ]  # fmt: skip
+        assert (again[0].id, again[2].id) == (first[1].id, first[0].id)
+        assert again[1].id == again[3].id
+        assert await ledger.count_files() == 4
+
     async def test_file_changed_in_place_is_a_new_row(self, ledger: Ledger) -> None:
         [old] = await ledger.record_seen([seen("a", size=100, mtime=1.0)])
         [bigger, touched] = await ledger.record_seen(

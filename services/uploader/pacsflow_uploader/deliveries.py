@@ -263,7 +263,9 @@ class DeliveryQueue:
                     batch_key=batch_key,
                 )
                 for f, st in present
-            ]
+            ],
+            # The watcher recorded them before it announced them, as a rule.
+            look_up_first=True,
         )  # fmt: skip
         ids = [r.id for r in recorded if r.status not in _NOT_SENDABLE]
         skipped = len(recorded) - len(ids)

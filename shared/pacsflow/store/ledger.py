@@ -238,9 +238,15 @@ class Ledger:
         self._db = db
         self._clock = clock
 
-    async def record_seen(self, files: Sequence[SeenFile]) -> list[Recorded]:
-        """Record files seen on disk, once per path+size+mtime; one result per input, in order."""
-        return (await self._record_seen(files))[0]
+    async def record_seen(
+        self, files: Sequence[SeenFile], *, look_up_first: bool = False
+    ) -> list[Recorded]:
+        """Record files seen on disk, once per path+size+mtime; one result per input, in order.
+
+        ``look_up_first``: most of these files are recorded already (the uploader, after the
+        watcher): one read finds them, and only the others are inserted.
+        """
+        return (await self._record_seen(files, look_up_first=look_up_first))[0]
 
     async def record_seen_rows(self, files: Sequence[SeenFile]) -> list[LedgerFile]:
         """:meth:`record_seen`, answered with each file's whole row, in input order: a row
@@ -264,7 +270,9 @@ class Ledger:
             ))  # fmt: skip
         return rows
 
-    async def _record_seen(self, files: Sequence[SeenFile]) -> tuple[list[Recorded], float]:
+    async def _record_seen(
+        self, files: Sequence[SeenFile], *, look_up_first: bool = False
+    ) -> tuple[list[Recorded], float]:
         keys = [(os.fspath(f.path), int(f.size), float(f.mtime)) for f in files]
         unique: dict[tuple[str, int, float], SeenFile] = {}
         for key, seen in zip(keys, files, strict=True):
@@ -274,10 +282,15 @@ class Ledger:
             return [], now
         found: dict[tuple[str, int, float], tuple[int, FileStatus]] = {}
         created: set[tuple[str, int, float]] = set()
+        if look_up_first:
+            await self._look_up(self._db, unique, found)
         columns = 13
         # In key order, so that two writers of overlapping batches lock rows in the same order
         # (PostgreSQL would otherwise end one of them as a deadlock).
-        ordered = sorted(unique.items(), key=lambda item: item[0])
+        ordered = sorted(((k, v) for k, v in unique.items() if k not in found),
+                         key=lambda item: item[0])  # fmt: skip
+        if not ordered:
+            return self._results(keys, found, created), now
         async with self._db.transaction() as tx:
             for chunk in _chunks(ordered, columns):
                 args: list[Any] = []
@@ -300,18 +313,35 @@ class Ledger:
                     key = (row["path"], row["size"], row["mtime"])
                     found[key] = (row["id"], "ready")
                     created.add(key)
-            # The others were recorded before: look them up by path (the unique index's prefix).
-            missing = sorted({key[0] for key in unique if key not in found})
-            for paths in _chunks(missing, 1):
-                rows = await tx.fetch(
-                    "SELECT id, path, size, mtime, status FROM ledger_files"
-                    f" WHERE path IN ({_placeholders(len(paths))})",
-                    *paths,
-                )
-                for row in rows:
-                    key = (row["path"], row["size"], row["mtime"])
-                    if key in unique and key not in found:
-                        found[key] = (row["id"], row["status"])
+            # The others were recorded before.
+            await self._look_up(tx, unique, found)
+        return self._results(keys, found, created), now
+
+    @staticmethod
+    async def _look_up(
+        db: Database, wanted: Mapping[tuple[str, int, float], object],
+        found: dict[tuple[str, int, float], tuple[int, FileStatus]],
+    ) -> None:
+        """Add the recorded rows of ``wanted`` keys not in ``found`` yet, looked up by path
+        (the unique index's prefix)."""
+        missing = sorted({key[0] for key in wanted if key not in found})
+        for paths in _chunks(missing, 1):
+            rows = await db.fetch(
+                "SELECT id, path, size, mtime, status FROM ledger_files"
+                f" WHERE path IN ({_placeholders(len(paths))})",
+                *paths,
+            )
+            for row in rows:
+                key = (row["path"], row["size"], row["mtime"])
+                if key in wanted and key not in found:
+                    found[key] = (row["id"], row["status"])
+
+    @staticmethod
+    def _results(
+        keys: Sequence[tuple[str, int, float]],
+        found: Mapping[tuple[str, int, float], tuple[int, FileStatus]],
+        created: set[tuple[str, int, float]],
+    ) -> list[Recorded]:
         results = []
         for key in keys:
             if key not in found:
@@ -321,7 +351,7 @@ class Ledger:
             # The same file twice in one batch: only its first mention created the row.
             created.discard(key)
             results.append(Recorded(file_id, key[0], key[1], key[2], status, new))
-        return results, now
+        return results
 
     async def set_details(self, details: Sequence[FileDetails]) -> None:
         """Store content hashes and DICOM identifiers found by reading recorded files."""
