@@ -5,11 +5,15 @@ from __future__ import annotations
 import io
 import struct
 import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
 import pydicom
+import pydicom.data
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import split_dataset
 
@@ -22,6 +26,7 @@ from pacsflow.dicom.files import (
     write_part10,
 )
 from pacsflow.errors import InvalidDicom
+from pacsflow_watcher.validate import _IMAGE_TAGS, validate_file
 from tests.conftest import require_tool
 from tests.dicom.synthetic import write_ct_series
 
@@ -43,6 +48,21 @@ WITHOUT_META = {
     "ExplVR_LitEndNoMeta.dcm": "1.2.840.10008.1.2.1",
     "ExplVR_BigEndNoMeta.dcm": "1.2.840.10008.1.2.2",
 }
+
+# Files whose data sets hold sequences (nested, undefined length) and every encoding, for the
+# walk over damaged bytes.
+WALKED = [*WITH_META, *WITHOUT_META, "rtplan.dcm", "nested_priv_SQ.dcm"]
+PYDICOM_TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
+
+
+def _outcome(path: Path, stream: io.BytesIO | None) -> object:
+    """What read_part10 and the watcher's checks make of a file: the result or the error."""
+    try:
+        part = read_part10(path, extra_tags=_IMAGE_TAGS, stream=stream)
+    except InvalidDicom as err:
+        return "invalid", err.reason
+    verdict = validate_file(path, stream)
+    return part, verdict.outcome, verdict.reason, verdict.file
 
 
 def _pydicom_read(path: Path) -> pydicom.Dataset:
@@ -199,6 +219,27 @@ class TestFileMeta:
         for name in WITH_META:
             path = pydicom_test_files / name
             assert read_part10(path, stream=io.BytesIO(path.read_bytes())) == read_part10(path)
+
+    @settings(max_examples=400, deadline=None)
+    @given(
+        name=st.sampled_from(WALKED),
+        changes=st.lists(st.tuples(st.integers(0, 2999), st.integers(0, 255)), max_size=6),
+        keep=st.one_of(st.none(), st.integers(0, 4000)),
+    )
+    def test_bytes_in_memory_are_walked_like_the_file(
+        self, name: str, changes: list[tuple[int, int]], keep: int | None
+    ) -> None:
+        # Bytes in memory take their own walk (headers unpacked in place): damaged or not,
+        # it must end as the walk of the same bytes read from a file does.
+        data = bytearray((PYDICOM_TEST_FILES / name).read_bytes())
+        for position, value in changes:
+            if position < len(data):
+                data[position] = value
+        data = data if keep is None else data[:keep]
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "damaged.dcm"
+            path.write_bytes(data)
+            assert _outcome(path, io.BytesIO(bytes(data))) == _outcome(path, None)
 
 
 class TestScanIdentifiers:

@@ -208,6 +208,8 @@ class _ElementWalker:
     def walk(self, wanted: frozenset[int]) -> tuple[dict[int, bytes], tuple[int, int, int] | None]:
         """Values of the ``wanted`` top-level tags, and (offset, header length, value length)
         of the first pixel data element, or None when the data set ends first."""
+        if isinstance(self.fp, BytesIO):
+            return self._walk_in_memory(self.fp, wanted)
         found: dict[int, bytes] = {}
         while True:
             start = self.fp.tell()
@@ -226,6 +228,58 @@ class _ElementWalker:
                 found[tag] = value
             else:
                 self.fp.seek(length, 1)
+
+    def _walk_in_memory(
+        self, fp: BytesIO, wanted: frozenset[int]
+    ) -> tuple[dict[int, bytes], tuple[int, int, int] | None]:
+        """:meth:`walk` on bytes in memory: the same checks and results, with the element
+        headers unpacked in place instead of read, seeked and told one call at a time (the
+        watcher reads whole files into memory). Leaves ``fp`` where :meth:`walk` would."""
+        found: dict[int, bytes] = {}
+        tag_and_length = self.tag_and_length.unpack_from
+        tag_vr_short_length = self.tag_vr_short_length.unpack_from
+        long_length = self.long_length.unpack_from
+        implicit = self.is_implicit_vr
+        pos = fp.tell()
+        with fp.getbuffer() as data:
+            size = len(data)
+            while True:
+                if pos >= size:
+                    fp.seek(pos)
+                    return found, None
+                if pos + 8 > size:
+                    raise InvalidDicom("truncated: the file ends inside an element header")
+                start = pos
+                vr: bytes | None = None
+                if implicit:
+                    group, element, length = tag_and_length(data, pos)
+                    pos += 8
+                else:
+                    group, element, vr, length = tag_vr_short_length(data, pos)
+                    pos += 8
+                    if group == 0xFFFE:
+                        vr, length = None, tag_and_length(data, start)[2]
+                    elif vr in _LONG_HEADER_VR_BYTES:
+                        if pos + 4 > size:
+                            raise InvalidDicom(
+                                "truncated: the file ends inside an element header")
+                        length = long_length(data, pos)[0]
+                        pos += 4
+                tag = group << 16 | element
+                if tag >= _FIRST_PIXEL_TAG:
+                    fp.seek(pos)
+                    return found, (start, pos - start, length)
+                if length == _UNDEFINED_LENGTH:
+                    fp.seek(pos)
+                    self._skip_sequence(implicit=implicit or vr == b"UN", depth=1)
+                    pos = fp.tell()
+                elif tag in wanted:
+                    if pos + length > size:
+                        raise InvalidDicom("truncated: the file ends inside an element value")
+                    found[tag] = bytes(data[pos:pos + length])
+                    pos += length
+                else:
+                    pos += length
 
     def _skip_sequence(self, implicit: bool, depth: int) -> None:
         # An undefined-length UN element holds an implicit VR little endian sequence (PS3.5 6.2.2).
@@ -401,7 +455,7 @@ def read_part10(
     ``stream`` is the file's content already open (the file, or its bytes in memory, for a
     caller that reads them anyway): it is read from its start and left open.
     """
-    file_path = Path(path)
+    file_path = path if isinstance(path, Path) else Path(path)
     if stream is not None:
         return _read_part10(file_path, stream, extra_tags)
     try:
