@@ -284,6 +284,16 @@ class TestDuplicates:
         assert not (again / "same.dcm").exists() and list(rig.archive.rglob("same.dcm"))
 
 
+class TestInspect:
+    def test_a_file_larger_than_the_hash_block_is_hashed_whole(self, tmp_path: Path) -> None:
+        # 1024 x 1024 x 16 bits: 2 MiB of pixel data, more than one block of the hash buffer.
+        (path,) = write_ct_series(tmp_path, 1, rows=1024, columns=1024)
+        assert path.stat().st_size > 2 * watcher_module._HASH_BLOCK
+        verdict, stat, sha = watcher_module._inspect(path)
+        assert verdict.outcome == "valid" and stat.st_size == path.stat().st_size
+        assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 class TestMove:
     def test_a_move_to_another_file_system_copies_never_overwrites(self, tmp_path: Path) -> None:
         # An archive on another disk than the import folder: rename fails with EXDEV.

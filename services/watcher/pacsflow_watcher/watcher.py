@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -107,7 +108,12 @@ class _Checked:
 
 
 # Files up to this size are read once into memory: validated and hashed from the same bytes.
-_READ_WHOLE_UP_TO = 32 << 20
+# Larger ones are validated from the file (headers only, through its 8 KiB buffer) and hashed
+# through one reusable buffer per thread: a fresh buffer of their size for every file would
+# cost a page fault per 4 KiB (half the time of inspecting a 0.5 MB image).
+_READ_WHOLE_UP_TO = 64 << 10
+_HASH_BLOCK = 1 << 20
+_hash_buffers = threading.local()
 # Files in the first batch of a unit; the batches after it double up to batch_size.
 _FIRST_BATCH = 16
 
@@ -124,10 +130,13 @@ def _inspect(path: Path) -> tuple[Verdict, os.stat_result, str | None]:
             verdict = validate_file(path, handle)
             digest = None
             if verdict.outcome == "valid":
+                buffer = getattr(_hash_buffers, "view", None)
+                if buffer is None:
+                    buffer = _hash_buffers.view = memoryview(bytearray(_HASH_BLOCK))
                 handle.seek(0)
                 digest = hashlib.sha256()
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+                while count := handle.readinto(buffer):
+                    digest.update(buffer[:count])
     return verdict, stat, None if digest is None else digest.hexdigest()
 
 
