@@ -45,14 +45,23 @@ def walk_files(unit: Path) -> Iterator[Path]:
         if not unit.name.startswith(TEMP_PREFIX):
             yield unit
         return
-    for folder, dirs, files in os.walk(unit):
-        dirs.sort()
-        for name in sorted(files):
-            if name.startswith(TEMP_PREFIX):
-                continue
-            path = Path(folder) / name
-            if path.is_file() and not path.is_symlink():
-                yield path
+    yield from map(Path, _regular_files(os.fspath(unit)))
+
+
+def _regular_files(folder: str) -> Iterator[str]:
+    # scandir's entries know their type from the directory listing: no stat per file.
+    # Symbolic links are neither followed nor listed; a folder that vanished is skipped.
+    try:
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return
+    for entry in entries:
+        if entry.is_file(follow_symlinks=False) and not entry.name.startswith(TEMP_PREFIX):
+            yield entry.path
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _regular_files(entry.path)
 
 
 def newest_change(unit: Path) -> float | None:
