@@ -341,7 +341,22 @@ def received_files(folder: Path) -> Iterator[Path]:
 
 
 def count_files(folder: Path) -> int:
-    return sum(1 for _ in received_files(folder))
+    """How many of :func:`received_files` there are, from directory listings alone: the
+    benchmark polls this while the clock runs, so it must take little of the CPU it measures."""
+    count = 0
+    folders = [os.fspath(folder)]
+    while folders:
+        try:
+            listing = os.scandir(folders.pop())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with listing:
+            for entry in listing:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif not entry.name.startswith("."):
+                    count += 1
+    return count
 
 
 async def wait_for_files(
