@@ -534,14 +534,19 @@ class Watcher:
         total = 0
         async with self._archive_lock:
             self._archive_waiting = None
+            limit = 500
             while True:
-                confirmed = await self.ledger.list_confirmed(limit=500)
+                confirmed = await self.ledger.list_confirmed(limit=limit)
                 if not confirmed:
                     break
                 moved = await self._archive_files(confirmed)
                 total += moved
                 if moved < len(confirmed):
                     break  # some could not be moved now: try again on the next round
+                if len(confirmed) < limit:
+                    # That was all of them; files confirmed since come with their own
+                    # file-sent (or the timer), so no query just to find none.
+                    break
         return total
 
     async def _archive_files(self, files: Sequence[LedgerFile], *, count: bool = True) -> int:
