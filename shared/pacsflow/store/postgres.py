@@ -154,7 +154,9 @@ class PostgresDatabase(_Queries):
         try:
             pool = await asyncpg.create_pool(
                 dsn,
-                min_size=1,
+                # A few connections open from the start: the first burst of work does not
+                # wait for (and PostgreSQL does not fork) a new backend per statement.
+                min_size=min(pool_size, 4),
                 max_size=pool_size,
                 reset=_keep_session,
                 command_timeout=command_timeout,
