@@ -387,7 +387,7 @@ class Watcher:
             SeenFile(path=str(p), size=s.st_size, mtime=s.st_mtime, batch_key=f"{unit.name}@{stamp}")
             for p, s in stats
         ])
-        rows = {r.id: r for r in await self.ledger.get_files([r.id for r in recorded])}
+        rows = {r.id: r for r in recorded}
         await self._quarantine({r.id: reason for r in recorded}, rows, stamp)
         log.warning("%s: quarantined %d file(s)", reason, len(recorded))
         return True
