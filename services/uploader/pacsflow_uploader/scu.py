@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pacsflow.config import Node
-from pacsflow.dicom.transport import node_ssl_context, unacknowledged_bytes
+from pacsflow.dicom.transport import node_ssl_context, skip_written, unacknowledged_bytes
 from pacsflow.dicom.files import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacsflow.dicom.options import NetworkOptions
 from pacsflow.dicom.status import category, describe
@@ -415,17 +415,8 @@ class LeanStoreSession:
         while index < len(views):
             sent = sock.sendmsg(views[index : index + _MAX_BUFFERS])
             # A partial write (the socket has a timeout, so it is non-blocking inside):
-            # skip what went, go on from the middle of a buffer if need be.
-            while sent and index < len(views):
-                length = len(views[index])
-                if sent >= length:
-                    sent -= length
-                    index += 1
-                else:
-                    views[index] = views[index][sent:]
-                    sent = 0
-            while index < len(views) and not len(views[index]):
-                index += 1
+            # go on from what is left.
+            index = skip_written(views, index, sent)
 
     def _recv_exact(self, size: int) -> bytearray:
         sock = self._sock

@@ -30,6 +30,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from pacsflow.dicom.transport import skip_written
 from pacsflow.errors import InvalidDicom
 
 __all__ = [
@@ -638,7 +639,7 @@ def write_part10(
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
         try:
-            _write_all(descriptor, [header, memoryview(dataset)])
+            _write_all(descriptor, [header, dataset])
             if fsync:
                 os.fsync(descriptor)
         finally:
@@ -656,18 +657,15 @@ def write_part10(
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
-def _write_all(descriptor: int, buffers: list[bytes | memoryview]) -> None:
+def _write_all(descriptor: int, buffers: list[bytes | bytearray | memoryview]) -> None:
     """Write every byte of ``buffers``; a regular file may take less than asked at a time."""
     views = [memoryview(buffer).cast("B") for buffer in buffers]
-    while views:
-        written = os.writev(descriptor, views)
+    index = skip_written(views, 0, 0)
+    while index < len(views):
+        written = os.writev(descriptor, views[index:])
         if written == 0:
             raise OSError("write returned 0 bytes")
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
+        index = skip_written(views, index, written)
 
 
 def _fsync_folder(folder: str | os.PathLike[str]) -> None:

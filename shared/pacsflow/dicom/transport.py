@@ -38,6 +38,7 @@ __all__ = [
     "node_ssl_context",
     "limit_incoming_pdus",
     "server_ssl_context",
+    "skip_written",
     "set_tcp_nodelay",
     "tcp_nodelay_on",
     "unacknowledged_bytes",
@@ -71,6 +72,25 @@ def unacknowledged_bytes(sock: socket.socket) -> int | None:
     except (OSError, ValueError):
         return None
     return int(struct.unpack("i", raw)[0])
+
+
+def skip_written(views: list[memoryview], index: int, written: int) -> int:
+    """After a gathered write (``sendmsg``, ``writev``) from ``views[index]`` on took
+    ``written`` bytes: the index of the first buffer with bytes left, that buffer cut to them.
+
+    A socket with a timeout or a regular file may take less than it was given.
+    """
+    while written and index < len(views):
+        length = len(views[index])
+        if written >= length:
+            written -= length
+            index += 1
+        else:
+            views[index] = views[index][written:]
+            written = 0
+    while index < len(views) and not len(views[index]):
+        index += 1
+    return index
 
 
 def set_tcp_nodelay(assoc: Association) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from pacsflow.config import Node
-from pacsflow.dicom.transport import node_ssl_context, unacknowledged_bytes
+from pacsflow.dicom.transport import node_ssl_context, skip_written, unacknowledged_bytes
 from pacsflow.dicom.engine import acse, pdu
 from pacsflow.dicom.engine.dimse import (
     C_ECHO_RSP,
@@ -149,16 +149,7 @@ class _Channel:
                 await self._writable(sock)
                 continue
             self.written += sent
-            while sent and index < len(views):
-                length = len(views[index])
-                if sent >= length:
-                    sent -= length
-                    index += 1
-                else:
-                    views[index] = views[index][sent:]
-                    sent = 0
-            while index < len(views) and not len(views[index]):
-                index += 1
+            index = skip_written(views, index, sent)
 
     def acknowledged(self) -> int | None:
         """Bytes written so far that the peer has acknowledged (None: not known here)."""
