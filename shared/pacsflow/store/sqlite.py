@@ -24,6 +24,7 @@ import functools
 import itertools
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -143,7 +144,7 @@ def _connect(path: str, busy_timeout: float) -> sqlite3.Connection:
         path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
     )
     try:
-        conn.execute("PRAGMA journal_mode=WAL").close()
+        _use_wal(conn, busy_timeout)
         conn.execute("PRAGMA synchronous=FULL").close()
         conn.execute("PRAGMA foreign_keys=ON").close()
         conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}").close()
@@ -151,6 +152,24 @@ def _connect(path: str, busy_timeout: float) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _use_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
+    # Switching a file to WAL needs its exclusive lock. While another connection is writing the
+    # file in its first (rollback-journal) transaction, SQLite answers "database is locked" at
+    # once instead of waiting on the busy timeout (it already holds a shared lock, and waiting
+    # could deadlock), so the wait is here.
+    deadline = time.monotonic() + busy_timeout
+    pause = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL").close()
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 def _execute(conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> None:
