@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pacsflow.config import Node
@@ -261,3 +262,66 @@ class TestReuse:
         while scp.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not slot.association_open and scp.active_associations == 0
+
+
+class SlowCollector(Collector):
+    """Answers only after ``delay`` seconds, as a PACS storing a large image does."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def __call__(self, instance: ReceivedInstance) -> int:
+        time.sleep(self.delay)
+        return super().__call__(instance)
+
+
+@pytest.mark.parametrize("engine", ["lean", "asyncio"])
+class TestThinLine:
+    """The DIMSE timeout bounds the peer's silence, not the request's time on the wire.
+
+    A line's acknowledgements cannot be timed to the millisecond here, so the kernel's count
+    of unacknowledged bytes is scripted: the request's last bytes are acknowledged just before
+    the first timeout ends, and the peer answers half a timeout after that."""
+
+    TIMEOUT = 0.5
+
+    @pytest.fixture
+    def last_bytes_acknowledged_late(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        first_look: list[float] = []
+
+        def unacknowledged(_sock: object) -> int:
+            first_look[:] = first_look or [time.monotonic()]
+            return 50_000 if time.monotonic() - first_look[0] < 0.95 * self.TIMEOUT else 0
+
+        monkeypatch.setattr("pacsflow_uploader.scu.unacknowledged_bytes", unacknowledged)
+        monkeypatch.setattr("pacsflow.dicom.engine.scu.unacknowledged_bytes", unacknowledged)
+
+    def send_one(self, engine: Engine, answer_after: float, tmp_path: Path) -> tuple[Any, float]:
+        collector = SlowCollector(answer_after)
+        options = NetworkOptions(ae_title="PFTEST", dimse_timeout=self.TIMEOUT)
+        paths = write_ct_series(tmp_path / "ct", 1)
+        with StoreSCP(collector, ae_title="PFSCP", host="127.0.0.1") as scp:
+            slot = Slot(node_of(scp), options, engine=engine)
+            started = time.monotonic()
+            try:
+                chunk = slot.run(jobs(paths))
+                seconds = time.monotonic() - started
+            finally:
+                slot.close()
+        return chunk.results[0], seconds
+
+    def test_an_answer_after_the_last_bytes_arrived_is_waited_for(
+        self, engine: Engine, last_bytes_acknowledged_late: None, tmp_path: Path
+    ) -> None:
+        result, _ = self.send_one(engine, 1.5 * self.TIMEOUT, tmp_path)
+        assert (result.category, result.error) == ("success", None)
+
+    def test_a_peer_silent_after_the_last_bytes_times_out(
+        self, engine: Engine, last_bytes_acknowledged_late: None, tmp_path: Path
+    ) -> None:
+        result, seconds = self.send_one(engine, 6 * self.TIMEOUT, tmp_path)
+        assert result.category == "error" and result.transmitted
+        assert "no C-STORE response" in (result.error or "") or "timed out" in (result.error or "")
+        # One wait for the bytes, one for the answer: not the peer's six.
+        assert seconds < 4 * self.TIMEOUT

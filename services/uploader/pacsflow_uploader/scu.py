@@ -363,7 +363,9 @@ class LeanStoreSession:
         """Wait for the answer to begin; ``dimse_timeout`` bounds silence, not the transfer.
 
         Over a slow line the kernel holds megabytes of the request after the write returned:
-        while the peer keeps acknowledging its bytes, waiting goes on.
+        while the peer keeps acknowledging its bytes, waiting goes on. The peer's last bytes
+        may arrive at the very end of a wait, and it needs time to store them before it can
+        answer: after a wait that ended with everything acknowledged comes one more.
         """
         sock = self._sock
         if sock is None:
@@ -375,7 +377,8 @@ class LeanStoreSession:
             if readable:
                 return
             left = unacknowledged_bytes(sock)
-            if not left or waiting is None or left >= waiting:
+            # Silent for a whole wait: all was acknowledged before it began, or no progress.
+            if not waiting or left is None or left >= waiting:
                 raise TimeoutError("timed out")
             waiting = left
 

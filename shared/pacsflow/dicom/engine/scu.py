@@ -461,22 +461,25 @@ class AsyncStoreSession:
 
         Over a slow line a large request takes longer than the timeout to leave, and the
         kernel holds megabytes of it after the write returned: while the peer keeps
-        acknowledging its bytes, the deadline moves on.
+        acknowledging its bytes, the deadline moves on. Progress is looked at when the deadline
+        comes, so bytes acknowledged just before it (the request's last, say, which the peer
+        must still store before it answers) earn a whole timeout more.
         """
         loop = asyncio.get_running_loop()
         timeout = self.options.dimse_timeout
-        async with asyncio.timeout(timeout) as deadline:
+        async with asyncio.timeout(None) as deadline:
             seen = channel.acknowledged()
 
-            def check() -> None:
+            def at_deadline() -> None:
                 nonlocal seen, handle
                 now = channel.acknowledged()
                 if now is not None and seen is not None and now > seen:
-                    deadline.reschedule(loop.time() + timeout)
-                seen = now
-                handle = loop.call_later(timeout * 0.9, check)
+                    seen = now
+                    handle = loop.call_later(timeout, at_deadline)
+                else:
+                    deadline.reschedule(loop.time())  # silent for a whole timeout
 
-            handle = loop.call_later(timeout * 0.9, check)
+            handle = loop.call_later(timeout, at_deadline)
             try:
                 yield
             finally:
