@@ -60,7 +60,8 @@ class HealthServer:
         # A copy: a service may add a check while /readyz is being answered.
         for name, check in list(self.checks.items()):
             try:
-                results[name] = bool(await asyncio.wait_for(check(), self.check_timeout))
+                async with asyncio.timeout(self.check_timeout):
+                    results[name] = bool(await check())
             except Exception as err:  # noqa: BLE001 - any failure means "not ready"
                 log.warning("readiness check %s failed: %s", name, err)
                 results[name] = False
@@ -68,9 +69,11 @@ class HealthServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request_line = await asyncio.wait_for(reader.readline(), 10)
-            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
-                pass  # headers are not needed
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose a cancellation.
+            async with asyncio.timeout(10):
+                request_line = await reader.readline()
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass  # headers are not needed
             parts = request_line.decode("latin-1").split()
             if len(parts) < 2:
                 return

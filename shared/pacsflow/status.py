@@ -40,13 +40,16 @@ async def _probe_process(settings: Settings) -> dict[str, Any]:
     """Ask this host's health port (``http.port``) for ``/readyz``."""
     host = "127.0.0.1" if settings.http.host in ("0.0.0.0", "::", "") else settings.http.host
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, settings.http.port), 3.0)
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation (Ctrl-C
+        # ending ``status --watch``) that comes as the connection attempt ends.
+        async with asyncio.timeout(3.0):
+            reader, writer = await asyncio.open_connection(host, settings.http.port)
         try:
             writer.write(f"GET /readyz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
                          .encode())
             await writer.drain()
-            data = await asyncio.wait_for(reader.read(), 6.0)
+            async with asyncio.timeout(6.0):
+                data = await reader.read()
         finally:
             writer.close()
         head, _, body = data.partition(b"\r\n\r\n")

@@ -195,3 +195,27 @@ class TestEmbedded:
         watch.expect(pexpect.EOF)
         watch.close()
         assert watch.exitstatus == 0
+
+
+class TestInterrupted:
+    async def test_a_cancel_as_the_health_probe_is_refused_is_not_lost(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Ctrl-C ends ``status --watch`` by cancelling its task. A cancel that lands just as
+        # the probe's connection is refused must still end it (Python 3.11's wait_for lost it,
+        # and the screen went on refreshing).
+        from pacsflow.config import Settings
+        from pacsflow.status import _probe_process
+
+        probe: asyncio.Task[object] | None = None
+
+        async def refused(*_args: object, **_kwargs: object) -> None:
+            assert probe is not None
+            probe.cancel()
+            raise ConnectionRefusedError(111, "Connection refused")
+
+        monkeypatch.setattr(asyncio, "open_connection", refused)
+        settings = Settings.model_validate({"http": {"host": "127.0.0.1", "port": free_port()}})
+        probe = asyncio.create_task(_probe_process(settings))
+        with pytest.raises(asyncio.CancelledError):
+            await probe
