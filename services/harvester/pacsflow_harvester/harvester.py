@@ -218,7 +218,8 @@ class Harvester:
 
     async def _wait(self, event: asyncio.Event) -> None:
         try:
-            await asyncio.wait_for(event.wait(), self.config.poll_seconds)
+            async with asyncio.timeout(self.config.poll_seconds):
+                await event.wait()
         except TimeoutError:
             pass
         event.clear()
@@ -388,7 +389,8 @@ class Harvester:
         # Leases are renewed well before they run out; events go out soon after they are due.
         interval = min(self.config.lease_seconds / 3, self.config.poll_seconds)
         try:
-            await asyncio.wait_for(self._events_due.wait(), interval)
+            async with asyncio.timeout(interval):
+                await self._events_due.wait()
         except TimeoutError:
             pass
         self._events_due.clear()

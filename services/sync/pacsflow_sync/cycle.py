@@ -234,7 +234,8 @@ class Cycle:
                 break
             async with self._movers.finished:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._movers.finished.wait(), poll)
+                    async with asyncio.timeout(poll):
+                        await self._movers.finished.wait()
         report.series_pending = totals.pending + totals.stale
         report.series_moved, report.series_failed = totals.moved, totals.failed
         report.images_transferred = totals.completed + totals.warning

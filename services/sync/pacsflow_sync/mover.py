@@ -172,7 +172,8 @@ class MoverPool:
 
     async def _idle(self) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), self._poll)
+            async with asyncio.timeout(self._poll):
+                await self._wakeup.wait()
         self._wakeup.clear()
 
     async def _maintain(self) -> None:

@@ -73,7 +73,8 @@ class LoadGate:
                 await asyncio.sleep(self._check_interval)
             else:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self._check_interval)
+                    async with asyncio.timeout(self._check_interval):
+                        await stop.wait()
 
 
 class Breaker:

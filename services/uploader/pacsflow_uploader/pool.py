@@ -321,7 +321,8 @@ class SenderPool:
         """Wait until every sender process has loaded (RuntimeError if one ended)."""
         futures = [w.ready for w in self._workers if w.ready is not None]
         if futures:
-            await asyncio.wait_for(asyncio.gather(*futures), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*futures)
 
     def process_ids(self) -> list[int]:
         """Process ids of the running sender processes (for operators and tests)."""

@@ -272,7 +272,8 @@ class _Destination:
     @staticmethod
     async def _wait(event: asyncio.Event, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await event.wait()
 
     def _start(self, slot: int, claims: list[Claim]) -> None:
         self.outstanding[slot] += 1
@@ -608,7 +609,8 @@ class Uploader:
     async def pause(self, seconds: float) -> None:
         """Sleep for ``seconds``, or less when the uploader stops meanwhile."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self.stopping.wait()
 
     def _destination(self, name: str) -> _Destination:
         destination = self.destinations.get(name)

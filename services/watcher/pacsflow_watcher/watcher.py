@@ -216,7 +216,8 @@ class Watcher:
                     wait = self.tracker.next_due_in(self.clock())
                     self._wake.clear()
                     try:
-                        await asyncio.wait_for(self._wake.wait(), min(wait or 5.0, 5.0))
+                        async with asyncio.timeout(min(wait or 5.0, 5.0)):
+                            await self._wake.wait()
                     except TimeoutError:
                         pass
             finally:

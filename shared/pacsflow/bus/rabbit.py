@@ -232,7 +232,8 @@ class RabbitBus:
         self._connection = None
         connection.close_callbacks.discard(self._on_connection_lost)
         with contextlib.suppress(*_RETRYABLE):
-            await asyncio.wait_for(connection.close(), timeout=self._options.connect_timeout)
+            async with asyncio.timeout(self._options.connect_timeout):
+                await connection.close()
         self._metrics.set_connected(False)
 
     async def ready(self) -> bool:
@@ -265,7 +266,8 @@ class RabbitBus:
                 )
             timeout = min(remaining, _ATTEMPT_TIMEOUT)
             try:
-                exchange, _ = await asyncio.wait_for(self._publisher(), timeout)
+                async with asyncio.timeout(timeout):
+                    exchange, _ = await self._publisher()
             except _RETRYABLE as err:
                 results: list[BaseException | None] = [err] * len(pending)
             else:
@@ -531,7 +533,8 @@ class RabbitBus:
             # Hold the message (not a handler slot) for the delay so a failing handler
             # does not spin; the nack makes the quorum queue count the delivery.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), verdict.delay)
+                async with asyncio.timeout(verdict.delay):
+                    await self._stopping.wait()
             await message.nack(requeue=True)
         else:
             try:
@@ -649,7 +652,8 @@ class RabbitBus:
         # broker call can come back as a channel error, which the check below swallows.
         while not self._closing:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._options.watchdog_interval)
+                async with asyncio.timeout(self._options.watchdog_interval):
+                    await self._stopping.wait()
             if self._closing:
                 return
             if not self._connected():
@@ -877,11 +881,13 @@ class RabbitBus:
     @contextlib.asynccontextmanager
     async def _channel(self, *, confirms: bool = False) -> AsyncIterator[AbstractChannel]:
         """A short-lived plain channel (a passive declare of a missing queue closes it)."""
-        connection = await asyncio.wait_for(self._wait_connected(), _ATTEMPT_TIMEOUT)
+        async with asyncio.timeout(_ATTEMPT_TIMEOUT):
+            connection = await self._wait_connected()
         channel = aio_pika.Channel(
             connection, publisher_confirms=confirms, on_return_raises=confirms
         )
-        await asyncio.wait_for(channel.initialize(), _ATTEMPT_TIMEOUT)
+        async with asyncio.timeout(_ATTEMPT_TIMEOUT):
+            await channel.initialize()
         try:
             yield channel
         finally:
@@ -891,7 +897,8 @@ class RabbitBus:
         if channel is None or channel.is_closed:
             return
         with contextlib.suppress(*_RETRYABLE):
-            await asyncio.wait_for(channel.close(), _ATTEMPT_TIMEOUT)
+            async with asyncio.timeout(_ATTEMPT_TIMEOUT):
+                await channel.close()
 
 
 class _DeadLetterReader:
