@@ -431,9 +431,10 @@ class MigrationContract(StoreCase):
         return {"demo": make_migrations(root, DEMO)}
 
     async def test_core_migrations_apply_once_and_are_recorded(self, db: Database) -> None:
-        core = [("core", 1, "ledger"), ("core", 2, "ledger_announced")]
+        core = [("core", 1, "ledger"), ("core", 2, "ledger_announced"),
+                ("core", 3, "ledger_announcing")]
         assert [str(m) for m in await pending(db, ["core"])] == [
-            "core 0001_ledger", "core 0002_ledger_announced"]
+            "core 0001_ledger", "core 0002_ledger_announced", "core 0003_ledger_announcing"]
         first = await upgrade(db, ["core"])
         assert [(m.component, m.version, m.name) for m in first] == core
         assert first[0].filename == f"0001_ledger.{db.dialect}.sql"
@@ -461,7 +462,7 @@ class MigrationContract(StoreCase):
         packages = {"core": "pacsflow.store.migrations", "ghost": "pf_no_such_package.migrations"}
         assert {m.component for m in discover(db.dialect, packages=packages)} == {"core"}
         assert [str(m) for m in await upgrade(db, packages=packages)] == [
-            "core 0001_ledger", "core 0002_ledger_announced"]
+            "core 0001_ledger", "core 0002_ledger_announced", "core 0003_ledger_announcing"]
 
     async def test_failed_migration_is_rolled_back_and_not_recorded(
         self, db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -693,6 +694,52 @@ class LedgerContract(StoreCase):
             ("/inbox/known", "invalid"), ("/inbox/new", "ready"), ("/inbox/bare", "ready"),
         ]  # fmt: skip
         assert rows[1].created_at == clock() and rows[0].created_at < clock()
+
+    async def test_an_announcement_stands_once_its_batch_is_confirmed(
+        self, ledger: Ledger, clock: FakeClock
+    ) -> None:
+        files = [seen("a"), seen("b"), seen("bad")]
+        first = await ledger.record_for_announcing(files, [True, True, False])
+        assert [row.announced_at for row in first.rows] == [None, None, None]
+        assert first.batch_id is not None
+        assert first.file_ids == {first.rows[0].id, first.rows[1].id}
+        # Not confirmed (the bus refused, or a crash): seen again, they still wait.
+        clock.now += 5
+        again = await ledger.record_for_announcing(files, [True, True, False])
+        assert again.batch_id is None and again.file_ids == frozenset()
+        assert [row.announced_at for row in again.rows] == [None, None, None]
+        await ledger.mark_announced([first.rows[0].id, first.rows[1].id], first)
+        assert await ledger._db.fetchval("SELECT count(*) FROM ledger_announcing") == 0  # noqa: SLF001
+        rows = await ledger.record_seen_rows(files)
+        assert [row.announced_at for row in rows] == [1000.0, 1000.0, None]
+
+    async def test_files_announced_again_leave_the_batch_a_crash_left(
+        self, ledger: Ledger, clock: FakeClock
+    ) -> None:
+        files = [seen("a"), seen("b")]
+        left = await ledger.record_for_announcing(files, [True, True])  # never confirmed
+        clock.now += 5
+        again = await ledger.record_for_announcing(files, [True, True])
+        await ledger.mark_announced([again.rows[0].id], again)
+        rows = await ledger.record_seen_rows(files)
+        assert [row.announced_at for row in rows] == [1005.0, None]
+        batches = await ledger._db.fetch("SELECT id, file_ids FROM ledger_announcing")  # noqa: SLF001
+        assert [(b["id"], b["file_ids"]) for b in batches] == [
+            (left.batch_id, f"[{again.rows[1].id}]")]
+        await ledger.mark_announced([again.rows[1].id])
+        assert await ledger._db.fetchval("SELECT count(*) FROM ledger_announcing") == 0  # noqa: SLF001
+
+    async def test_pruning_keeps_only_files_still_waiting_to_be_announced(
+        self, ledger: Ledger
+    ) -> None:
+        kept = await ledger.record_for_announcing([seen("a"), seen("b")], [True, True])
+        gone = await ledger.record_for_announcing([seen("c")], [True])
+        await ledger.mark_invalid({kept.rows[1].id: "not DICOM", gone.rows[0].id: "not DICOM"})
+        assert await ledger.prune_announcing() == 1
+        batches = await ledger._db.fetch("SELECT id, file_ids FROM ledger_announcing")  # noqa: SLF001
+        assert [(b["id"], b["file_ids"]) for b in batches] == [
+            (kept.batch_id, f"[{kept.rows[0].id}]")]
+        assert await ledger.prune_announcing() == 1
 
     async def test_status_tells_what_a_known_file_still_needs(self, ledger: Ledger) -> None:
         [rec] = await ledger.record_seen([seen("a")])

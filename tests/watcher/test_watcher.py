@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from pacsflow.bus import MemoryBus
 from pacsflow.config import WatcherSettings
+from pacsflow.errors import BusError
 from pacsflow.events import Event, FileOutcome, FileOutcomePayload, FileReady, FileSent, Source
 from pacsflow.store import Database, Ledger, Outcome, SqliteDatabase, upgrade
 from pacsflow_watcher import watcher as watcher_module
@@ -163,6 +164,69 @@ class TestRestart:
         counts = await rig.ledger.count_by_status()
         assert counts.get("ready") == 350
         assert sum(counts.values()) == 350  # one ledger row per file, never two
+
+
+class RefusingBus:
+    """The in-memory bus, but ``publish`` fails (a broker restarting) or never returns (a
+    watcher killed before the bus confirmed) while ``mode`` says so."""
+
+    def __init__(self, bus: MemoryBus, mode: str) -> None:
+        self.bus = bus
+        self.mode = mode
+        self.refused = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.bus, name)
+
+    async def publish(self, *events: Event) -> None:
+        if self.mode == "refuse":
+            self.refused += 1
+            self.mode = "pass"
+            raise BusError("broker restarting")
+        if self.mode == "hang":
+            await asyncio.Event().wait()
+        await self.bus.publish(*events)
+
+
+async def unconfirmed_batches(ledger: Ledger) -> int:
+    return int(await ledger._db.fetchval("SELECT count(*) FROM ledger_announcing"))  # noqa: SLF001
+
+
+class TestUnconfirmedAnnouncements:
+    async def test_events_the_bus_refused_go_out_on_the_next_pass(self, rig: Rig) -> None:
+        bus = RefusingBus(rig.bus, "refuse")
+        rig.watcher = Watcher(rig.watcher.settings, ledger=rig.ledger, bus=bus,  # type: ignore[arg-type]
+                              source=SOURCE, registry=CollectorRegistry())
+        write_ct_series(rig.inbox / "#1-A", 20)
+        await rig.start()
+        await rig.wait_for(20)
+        await asyncio.sleep(1.5)
+        assert bus.refused == 1
+        assert len(rig.received.files) == 20
+        assert await unconfirmed_batches(rig.ledger) == 0
+
+    async def test_a_restart_announces_what_the_bus_never_confirmed(self, rig: Rig) -> None:
+        bus = RefusingBus(rig.bus, "hang")
+        first = rig.watcher
+        rig.watcher = Watcher(first.settings, ledger=rig.ledger, bus=bus,  # type: ignore[arg-type]
+                              source=SOURCE, registry=CollectorRegistry())
+        write_ct_series(rig.inbox / "#1-A", 40)
+        await rig.start()
+        deadline = time.monotonic() + 30
+        while not await unconfirmed_batches(rig.ledger):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await rig.stop()  # killed while waiting for the bus to confirm the first batch
+        assert rig.received.files == []
+        assert await rig.ledger.count_files() == 16
+        rig.watcher = Watcher(first.settings, ledger=rig.ledger, bus=rig.bus, source=SOURCE,
+                              registry=CollectorRegistry())
+        await rig.start()
+        await rig.wait_for(40)
+        await asyncio.sleep(1.5)
+        assert len(rig.received.files) == 40
+        assert await unconfirmed_batches(rig.ledger) == 0
+        assert (await rig.ledger.count_by_status())["ready"] == 40
 
 
 class TestMixedFolder:

@@ -106,6 +106,9 @@ class TestKilledMidFolder:
         assert len(uids) <= 2 * 3000
         rows, announced = ledger_counts(db)
         assert rows == 3000 and announced == 3000
+        with sqlite3.connect(db, timeout=5) as conn:
+            # Every batch confirmed, the one the kill left behind included.
+            assert conn.execute("SELECT count(*) FROM ledger_announcing").fetchone() == (0,)
 
 
 class TestIdentityRewrite:

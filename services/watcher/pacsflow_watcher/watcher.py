@@ -42,7 +42,7 @@ from pacsflow.bus import EventBus
 from pacsflow.config import WatcherSettings
 from pacsflow.errors import BusError, InvalidDicom, StoreError
 from pacsflow.events import FileReady, FileReadyPayload, ReadyFile, Source
-from pacsflow.store.ledger import Ledger, LedgerFile, SeenFile
+from pacsflow.store.ledger import Announcing, Ledger, LedgerFile, SeenFile
 from pacsflow.topology import CONSUMES
 from pacsflow_watcher.folders import (
     FolderWatcher,
@@ -207,6 +207,7 @@ class Watcher:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.folders.fileno(), self._on_inotify)
         try:
+            await self._prune_announcing()
             self.rescan()
             await self.bus.subscribe("watcher", CONSUMES["watcher"], self._on_file_sent)
             archiver = asyncio.create_task(self._archive_periodically())
@@ -225,6 +226,17 @@ class Watcher:
         finally:
             loop.remove_reader(self.folders.fileno())
             self.folders.close()
+
+    async def _prune_announcing(self) -> None:
+        """Tidy the batches a crash left unconfirmed; the rescan announces their files again."""
+        try:
+            waiting = await self.ledger.prune_announcing()
+        except StoreError as err:
+            log.warning("cannot tidy unconfirmed announcements (tried again at the next start):"
+                        " %s", err)
+            return
+        if waiting:
+            log.info("%d file(s) recorded before a restart wait to be announced again", waiting)
 
     def rescan(self) -> None:
         """Find every unit present now, dated by its newest change (start-up, lost events)."""
@@ -311,7 +323,9 @@ class Watcher:
                             stamp: str, batch_key: str) -> None:  # fmt: skip
         """Validate, record and announce files of one unit (or move them aside)."""
         checked = await asyncio.to_thread(self._check_files, files, identity)
-        recorded = await self.ledger.record_seen_rows([
+        # Valid new files are recorded as being announced, so that confirming the events
+        # costs one statement per batch rather than one more row version per file.
+        announcing = await self.ledger.record_for_announcing([
             SeenFile(
                 path=str(c.path), size=c.size, mtime=c.mtime, sha256=c.sha256,
                 sop_instance_uid=c.verdict.file.sop_instance_uid if c.verdict.file else None,
@@ -322,7 +336,8 @@ class Watcher:
                 batch_key=batch_key,
             )
             for c in checked
-        ])
+        ], [c.verdict.outcome == "valid" for c in checked])
+        recorded = announcing.rows
         by_path = {r.path: r for r in recorded}
         ledger_rows = {r.id: r for r in recorded}
 
@@ -348,7 +363,7 @@ class Watcher:
         await self._set_aside_duplicates(handled_before, ledger_rows, stamp)
         await self._archive_files(dicomdirs, count=False)
         to_announce = await self._drop_duplicates(candidates, stamp)
-        await self._announce(to_announce, batch_key)
+        await self._announce(to_announce, batch_key, announcing)
         self.metrics.files.labels(outcome="dicomdir").inc(len(dicomdirs))
 
     def _check_files(
@@ -469,8 +484,11 @@ class Watcher:
         self.metrics.files.labels(outcome="duplicate").inc(len(reasons))
         await self._remove_empty_folders(Path(rows[i].path) for i in reasons)
 
-    async def _announce(self, files: list[tuple[LedgerFile, _Checked]], batch_key: str) -> None:
+    async def _announce(self, files: list[tuple[LedgerFile, _Checked]], batch_key: str,
+                        announcing: Announcing) -> None:  # fmt: skip
         if not files:
+            # Nothing valid and new after all (invalid, duplicates): the batch goes.
+            await self.ledger.mark_announced([], announcing)
             return
         events = []
         size = self.settings.batch_size
@@ -499,7 +517,7 @@ class Watcher:
         await self.bus.publish(*events)
         # A crash between the publish and this line announces these files once more after a
         # restart; the uploader keeps one delivery per file and destination, so none is sent twice.
-        await self.ledger.mark_announced(row.id for row, _ in files)
+        await self.ledger.mark_announced((row.id for row, _ in files), announcing)
         self.metrics.files.labels(outcome="valid").inc(len(files))
         log.info("announced %d file(s) of %s in %d event(s)", len(files), batch_key, len(events))
 

@@ -3,6 +3,8 @@
 Two tables (core migration ``0001_ledger``): ``ledger_files``, one row per file as seen on disk
 (path, size and modification time identify it; content hash and DICOM UIDs describe it), and
 ``ledger_deliveries``, one row per file and destination with the outcome of sending it there.
+A third, ``ledger_announcing`` (``0003``), holds the watcher's batches whose ``file-ready``
+events the bus has not confirmed yet (:meth:`Ledger.record_for_announcing`).
 
 A file's ``status`` is one of :data:`FILE_STATUSES`:
 
@@ -21,7 +23,9 @@ its size: no statement per file.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -34,6 +38,7 @@ from pacsflow.store.base import Database, Row
 __all__ = [
     "DELIVERY_STATUSES",
     "FILE_STATUSES",
+    "Announcing",
     "Delivery",
     "DeliveryStatus",
     "FileDetails",
@@ -139,8 +144,22 @@ class LedgerFile:
     archive_path: str | None
     created_at: float
     updated_at: float
-    # When the file-ready event naming it was confirmed by the bus (None: not yet).
+    # When the watcher recorded it for announcing (or, before migration 0003, when the bus
+    # confirmed its file-ready event). The ledger answers None while a ledger_announcing
+    # batch still names the file: announced_at is set only once the bus confirmed.
     announced_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Announcing:
+    """What :meth:`Ledger.record_for_announcing` recorded: every file's row, and the batch of
+    new files whose announcement :meth:`Ledger.mark_announced` confirms."""
+
+    rows: list[LedgerFile]
+    #: the ``ledger_announcing`` row (None: no new file to announce)
+    batch_id: int | None
+    #: the ids that batch names
+    file_ids: frozenset[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,8 +271,25 @@ class Ledger:
         """:meth:`record_seen`, answered with each file's whole row, in input order: a row
         this call created is what it inserted (no second round trip to read it), the
         others are read back."""
-        recorded, now = await self._record_seen(files)
+        return (await self.record_for_announcing(files, [False] * len(files))).rows
+
+    async def record_for_announcing(
+        self, files: Sequence[SeenFile], announce: Sequence[bool]
+    ) -> Announcing:
+        """:meth:`record_seen_rows` for the watcher: the new files flagged in ``announce`` are
+        recorded as being announced, in one ``ledger_announcing`` batch written in the same
+        transaction. :meth:`mark_announced` with that batch confirms them once the bus did.
+
+        Until then (a crash, a bus that refused) the rows come back with ``announced_at``
+        None, so the next pass announces them again.
+        """
+        recorded, now, batch_id, batch_ids = await self._record_seen(files, announce=announce)
         known = {row.id: row for row in await self.get_files(r.id for r in recorded if not r.new)}
+        if any(row.announced_at is not None and row.status == "ready" for row in known.values()):
+            unconfirmed = {i for _, ids in await self._announcing_batches(self._db) for i in ids}
+            for file_id, row in known.items():
+                if file_id in unconfirmed:
+                    known[file_id] = dataclasses.replace(row, announced_at=None)
         rows = []
         for result, seen in zip(recorded, files, strict=True):
             if not result.new:
@@ -268,42 +304,52 @@ class Ledger:
                 status="ready", reason=None, archive_path=None, created_at=now,
                 updated_at=now, announced_at=None,
             ))  # fmt: skip
-        return rows
+        return Announcing(rows, batch_id, batch_ids)
 
     async def _record_seen(
-        self, files: Sequence[SeenFile], *, look_up_first: bool = False
-    ) -> tuple[list[Recorded], float]:
+        self, files: Sequence[SeenFile], *, look_up_first: bool = False,
+        announce: Sequence[bool] | None = None,
+    ) -> tuple[list[Recorded], float, int | None, frozenset[int]]:
+        """The results, the time recorded, and the ``ledger_announcing`` batch (its id and
+        file ids) of the new files flagged in ``announce``."""
         keys = [(os.fspath(f.path), int(f.size), float(f.mtime)) for f in files]
         unique: dict[tuple[str, int, float], SeenFile] = {}
-        for key, seen in zip(keys, files, strict=True):
+        announced: set[tuple[str, int, float]] = set()
+        for index, (key, seen) in enumerate(zip(keys, files, strict=True)):
             unique.setdefault(key, seen)
+            if announce is not None and announce[index]:
+                announced.add(key)
         now = self._clock()
         if not unique:
-            return [], now
+            return [], now, None, frozenset()
         found: dict[tuple[str, int, float], tuple[int, FileStatus]] = {}
         created: set[tuple[str, int, float]] = set()
         if look_up_first:
             await self._look_up(self._db, unique, found)
-        columns = 13
+        columns = 14
         # In key order, so that two writers of overlapping batches lock rows in the same order
         # (PostgreSQL would otherwise end one of them as a deadlock).
         ordered = sorted(((k, v) for k, v in unique.items() if k not in found),
                          key=lambda item: item[0])  # fmt: skip
         if not ordered:
-            return self._results(keys, found, created), now
+            return self._results(keys, found, created), now, None, frozenset()
+        batch_id: int | None = None
+        batch_ids: frozenset[int] = frozenset()
         async with self._db.transaction() as tx:
             for chunk in _chunks(ordered, columns):
                 args: list[Any] = []
-                for (path, size, mtime), seen in chunk:
+                for key, seen in chunk:
                     args += [
-                        path, size, mtime, seen.sha256, seen.sop_instance_uid,
+                        *key, seen.sha256, seen.sop_instance_uid,
                         seen.series_instance_uid, seen.study_instance_uid, seen.sop_class_uid,
                         seen.transfer_syntax_uid, seen.batch_key, "ready", now, now,
+                        now if key in announced else None,
                     ]  # fmt: skip
                 rows = await tx.fetch(
                     "INSERT INTO ledger_files (path, size, mtime, sha256, sop_instance_uid,"
                     " series_instance_uid, study_instance_uid, sop_class_uid,"
-                    " transfer_syntax_uid, batch_key, status, created_at, updated_at)"
+                    " transfer_syntax_uid, batch_key, status, created_at, updated_at,"
+                    " announced_at)"
                     f" VALUES {_values(len(chunk), columns)}"
                     " ON CONFLICT (path, size, mtime) DO NOTHING"
                     " RETURNING id, path, size, mtime",
@@ -313,9 +359,16 @@ class Ledger:
                     key = (row["path"], row["size"], row["mtime"])
                     found[key] = (row["id"], "ready")
                     created.add(key)
+            batch_ids = frozenset(found[key][0] for key in created & announced)
+            if batch_ids:
+                batch_id = await tx.fetchval(
+                    "INSERT INTO ledger_announcing (file_ids, created_at) VALUES ($1, $2)"
+                    " RETURNING id",
+                    json.dumps(sorted(batch_ids)), now,
+                )
             # The others were recorded before.
             await self._look_up(tx, unique, found)
-        return self._results(keys, found, created), now
+        return self._results(keys, found, created), now, batch_id, batch_ids
 
     @staticmethod
     async def _look_up(
@@ -542,17 +595,68 @@ class Ledger:
         found.sort(key=lambda f: (f.updated_at, f.id))
         return found[:limit]
 
-    async def mark_announced(self, file_ids: Iterable[int]) -> None:
-        """Record that a file-ready event naming these files was published."""
+    async def mark_announced(
+        self, file_ids: Iterable[int], batch: Announcing | None = None
+    ) -> None:
+        """Record that the bus confirmed file-ready events naming these files.
+
+        The files of ``batch`` were marked when recorded: its ``ledger_announcing`` row goes
+        (also when none of them was announced: invalid or duplicate files are not). Other
+        files (announced again after a crash) get ``announced_at`` and leave any batch left
+        behind by the crash.
+        """
         now = self._clock()
-        ids = sorted(set(file_ids))
-        for chunk in _chunks(ids, 1):
-            await self._db.execute(
-                f"UPDATE ledger_files SET announced_at = $1"
-                f" WHERE id IN ({_placeholders(len(chunk), 2)})",
-                now,
-                *chunk,
-            )
+        in_batch = batch.file_ids if batch is not None else frozenset()
+        others = sorted(set(file_ids) - in_batch)
+        if (batch is None or batch.batch_id is None) and not others:
+            return
+        async with self._db.transaction() as tx:
+            if batch is not None and batch.batch_id is not None:
+                await tx.execute("DELETE FROM ledger_announcing WHERE id = $1", batch.batch_id)
+            for chunk in _chunks(others, 1):
+                await tx.execute(
+                    f"UPDATE ledger_files SET announced_at = $1"
+                    f" WHERE id IN ({_placeholders(len(chunk), 2)})",
+                    now,
+                    *chunk,
+                )
+            if others:
+                await self._leave_batches(tx, set(others))
+
+    async def prune_announcing(self) -> int:
+        """Drop from left-behind batches the files no longer waiting to be announced (sent,
+        invalid, archived... meanwhile), and the batches left empty; the files still named."""
+        async with self._db.transaction() as tx:
+            named = {i for _, ids in await self._announcing_batches(tx) for i in ids}
+            waiting: set[int] = set()
+            for chunk in _chunks(sorted(named), 1):
+                rows = await tx.fetch(
+                    "SELECT id FROM ledger_files WHERE status = 'ready'"
+                    f" AND id IN ({_placeholders(len(chunk))})",
+                    *chunk,
+                )
+                waiting.update(row["id"] for row in rows)
+            await self._leave_batches(tx, named - waiting)
+        return len(waiting)
+
+    @staticmethod
+    async def _announcing_batches(db: Database) -> list[tuple[int, set[int]]]:
+        # Only batches in flight or left behind by a crash: a few rows at most.
+        rows = await db.fetch("SELECT id, file_ids FROM ledger_announcing ORDER BY id")
+        return [(row["id"], set(json.loads(row["file_ids"]))) for row in rows]
+
+    async def _leave_batches(self, tx: Database, file_ids: set[int]) -> None:
+        """Take these files out of every ``ledger_announcing`` batch; drop emptied batches."""
+        if not file_ids:
+            return
+        for batch_id, ids in await self._announcing_batches(tx):
+            if ids & file_ids:
+                left = ids - file_ids
+                if left:
+                    await tx.execute("UPDATE ledger_announcing SET file_ids = $2 WHERE id = $1",
+                                     batch_id, json.dumps(sorted(left)))
+                else:
+                    await tx.execute("DELETE FROM ledger_announcing WHERE id = $1", batch_id)
 
     async def mark_archived(self, archive_paths: Mapping[int, str | None]) -> None:
         """Mark files (id -> where they were moved, None when deleted) as archived."""
