@@ -36,7 +36,7 @@ from pacsflow.store import (
     pending,
     upgrade,
 )
-from pacsflow.store.ledger import find_sent_query
+from pacsflow.store.ledger import SentCopy, find_sent_query
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -611,6 +611,12 @@ def assert_index_lookups(plan: list[str], dialect: str) -> None:
         assert not any(line.startswith("SCAN") and " USING " not in line for line in plan), text
 
 
+def sent_pairs(found: dict[str, list[SentCopy]]) -> dict[tuple[str, str | None], frozenset[str]]:
+    """(SOP Instance UID, sha256) -> destinations of :meth:`Ledger.sent_copies`' answer."""
+    return {(copy.sop_instance_uid, copy.sha256): copy.destinations
+            for copies in found.values() for copy in copies}  # fmt: skip
+
+
 def seen(name: str, size: int = 100, mtime: float = 1.0, **details: Any) -> SeenFile:
     return SeenFile(path=f"/inbox/{name}", size=size, mtime=mtime, **details)
 
@@ -627,7 +633,9 @@ class LedgerContract(StoreCase):
         await upgrade(db, ["core"])
         return Ledger(db, clock=clock)
 
-    async def _sent(self, ledger: Ledger, name: str, uid: str = "1.2.3", sha: str = "h") -> int:
+    async def _sent(
+        self, ledger: Ledger, name: str, uid: str = "1.2.3", sha: str | None = "h"
+    ) -> int:
         """Record one file and confirm it at ``pacs``; its id."""
         [rec] = await ledger.record_seen([seen(name, sop_instance_uid=uid, sha256=sha)])
         await ledger.record_outcomes([Outcome(rec.id, "pacs", "sent", 0)])
@@ -785,21 +793,30 @@ class LedgerContract(StoreCase):
         await ledger.record_outcomes(
             [Outcome(failed.id, "pacs", "failed", 0xA700, "out of resources")]
         )
-        found = await ledger.find_sent(
-            [("1.2.3", "h1"), ("1.2.3", "other content"), ("1.2.4", "h4"), ("1.2.5", "h5"),
-             ("1.2.6", "h6"), ("9.9", "h1")]
-        )  # fmt: skip
-        assert found == {
+        found = await ledger.sent_copies(["1.2.3", "1.2.4", "1.2.5", "1.2.6", "9.9"])
+        assert sent_pairs(found) == {
             ("1.2.3", "h1"): frozenset({"pacs"}),
             ("1.2.4", "h4"): frozenset({"backup"}),
         }
 
     async def test_a_file_is_no_copy_of_itself(self, ledger: Ledger) -> None:
         original = await self._sent(ledger, "a", uid="1.2.3", sha="h1")
-        assert await ledger.find_sent([("1.2.3", "h1")], exclude_file_ids=[original]) == {}
+        assert await ledger.sent_copies(["1.2.3"], exclude_file_ids=[original]) == {}
         [copy] = await ledger.record_seen([seen("copy", sop_instance_uid="1.2.3", sha256="h1")])
-        found = await ledger.find_sent([("1.2.3", "h1")], exclude_file_ids=[copy.id])
-        assert found == {("1.2.3", "h1"): frozenset({"pacs"})}
+        found = await ledger.sent_copies(["1.2.3"], exclude_file_ids=[copy.id])
+        assert sent_pairs(found) == {("1.2.3", "h1"): frozenset({"pacs"})}
+        assert found["1.2.3"][0].location == "/inbox/a"
+
+    async def test_a_copy_is_read_where_it_is_now_and_can_be_hashed_later(
+        self, ledger: Ledger
+    ) -> None:
+        original = await self._sent(ledger, "a", uid="1.2.3", sha=None)
+        await ledger.mark_archived({original: "/archive/a"})
+        [copy] = (await ledger.sent_copies(["1.2.3"]))["1.2.3"]
+        assert (copy.file_id, copy.sha256, copy.location) == (original, None, "/archive/a")
+        await ledger.set_hashes({original: "h1"})
+        [copy] = (await ledger.sent_copies(["1.2.3"]))["1.2.3"]
+        assert copy.sha256 == "h1"
 
     async def test_duplicate_is_marked_and_skipped(self, ledger: Ledger) -> None:
         original = await self._sent(ledger, "a", uid="1.2.3", sha="h1")
@@ -963,8 +980,8 @@ class LedgerContract(StoreCase):
         )
         wanted = [(r["sop_instance_uid"], r["sha256"]) for r in rows]
         assert len(wanted) == 2000
-        found = await ledger.find_sent([*wanted, ("1.2.826.0.1.25", "other content")])
-        assert found == {
+        found = await ledger.sent_copies([uid for uid, _ in wanted])
+        assert sent_pairs(found) == {
             (r["sop_instance_uid"], r["sha256"]): frozenset({"pacs"})
             for r in rows if r["id"] % 2 == 0
         }  # fmt: skip
@@ -990,7 +1007,7 @@ class LedgerContract(StoreCase):
             [Outcome(i, d, "sent", 0) for i in ids for d in ("pacs", "backup")]
         )
         assert (
-            len(await ledger.find_sent([(f.sop_instance_uid or "", f.sha256 or "") for f in files]))
+            len(await ledger.sent_copies(f.sop_instance_uid or "" for f in files))
             == 10_000
         )
         assert len(await ledger.list_confirmed(ids, limit=10_000)) == 10_000

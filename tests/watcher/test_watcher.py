@@ -321,15 +321,16 @@ class TestDuplicates:
     async def test_a_sent_file_dropped_again_is_set_aside_a_changed_one_is_sent(
         self, rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_whole: bool
     ) -> None:
-        # Small files are validated and hashed from one read; large ones stream from the file.
+        # Small files are validated and hashed from one read; large ones stream from the file
+        # and are hashed only when an instance with their UID was sent before.
         monkeypatch.setattr(watcher_module, "_READ_WHOLE_UP_TO", 1 << 30 if read_whole else 0)
         originals = write_ct_series(tmp_path / "originals", 2)
         shutil.copytree(originals[0].parent, rig.inbox / "#1-A")
         await rig.start()
         await rig.wait_for(2)
         rows = await rig.ledger.list_files(status="ready")
-        assert sorted(row.sha256 for row in rows) == sorted(
-            hashlib.sha256(path.read_bytes()).hexdigest() for path in originals)
+        hashes = sorted(hashlib.sha256(path.read_bytes()).hexdigest() for path in originals)
+        assert sorted(row.sha256 or "" for row in rows) == (hashes if read_whole else ["", ""])
         await rig.ledger.add_deliveries([row.id for row in rows], ["pacs"])
         await rig.ledger.record_outcomes([Outcome(row.id, "pacs", "sent", 0) for row in rows])
 
@@ -346,6 +347,30 @@ class TestDuplicates:
         assert [Path(row.path).name for row in duplicates] == ["same.dcm"]
         assert "already sent" in (duplicates[0].reason or "")
         assert not (again / "same.dcm").exists() and list(rig.archive.rglob("same.dcm"))
+        # The originals were hashed where they are now to be compared, and the hashes kept.
+        kept = await rig.ledger.get_files(row.id for row in rows)
+        assert sorted(row.sha256 for row in kept) == hashes
+
+    async def test_a_copy_whose_original_is_gone_is_sent(
+        self, rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A large file was never hashed; once its archive is cleared its content is gone, so
+        # a file with its SOP Instance UID cannot be called a copy of it.
+        monkeypatch.setattr(watcher_module, "_READ_WHOLE_UP_TO", 0)
+        [original] = write_ct_series(tmp_path / "originals", 1)
+        shutil.copytree(original.parent, rig.inbox / "#1-A")
+        await rig.start()
+        await rig.wait_for(1)
+        [row] = await rig.ledger.list_files(status="ready")
+        await rig.ledger.record_outcomes([Outcome(row.id, "pacs", "sent", 0)])
+        await rig.ledger.mark_archived({row.id: str(tmp_path / "purged" / "a.dcm")})
+        os.unlink(row.path)
+        again = rig.inbox / "#1-A-again"
+        again.mkdir()
+        shutil.copy(original, again / "same.dcm")
+        await rig.wait_for(2)
+        assert [Path(f.path).name for f in rig.received.events[-1].payload.files] == ["same.dcm"]
+        assert await rig.ledger.count_files(status="duplicate") == 0
 
 
 class TestInspect:
@@ -355,7 +380,10 @@ class TestInspect:
         assert path.stat().st_size > 2 * watcher_module._HASH_BLOCK
         verdict, stat, sha = watcher_module._inspect(path)
         assert verdict.outcome == "valid" and stat.st_size == path.stat().st_size
-        assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert sha is None  # validated from its headers; hashed only when a copy needs it
+        digest = watcher_module._hash_file(str(path))
+        assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert watcher_module._hash_file(str(tmp_path / "gone.dcm")) is None
 
 
 class TestMove:

@@ -42,7 +42,7 @@ from pacsflow.bus import EventBus
 from pacsflow.config import WatcherSettings
 from pacsflow.errors import BusError, InvalidDicom, StoreError
 from pacsflow.events import FileReady, FileReadyPayload, ReadyFile, Source
-from pacsflow.store.ledger import Announcing, Ledger, LedgerFile, SeenFile
+from pacsflow.store.ledger import Announcing, Ledger, LedgerFile, SeenFile, SentCopy
 from pacsflow.topology import CONSUMES
 from pacsflow_watcher.folders import (
     FolderWatcher,
@@ -109,8 +109,10 @@ class _Checked:
 
 # Files up to this size are read once into memory: validated and hashed from the same bytes.
 # Larger ones are validated from the file (headers only, through its 8 KiB buffer) and hashed
-# through one reusable buffer per thread: a fresh buffer of their size for every file would
-# cost a page fault per 4 KiB (half the time of inspecting a 0.5 MB image).
+# only when an instance with their SOP Instance UID was sent before, as only then does their
+# content matter (a copy or a corrected image): hashing every 0.5 MB image was half of the
+# watcher's work. They are hashed through one reusable buffer per thread: a fresh buffer of
+# their size for every file would cost a page fault per 4 KiB.
 _READ_WHOLE_UP_TO = 64 << 10
 _HASH_BLOCK = 1 << 20
 _hash_buffers = threading.local()
@@ -119,25 +121,31 @@ _FIRST_BATCH = 16
 
 
 def _inspect(path: Path) -> tuple[Verdict, os.stat_result, str | None]:
-    """The file's verdict, its stat and, when valid, the SHA-256 of its content."""
+    """The file's verdict, its stat and, when it is valid and small enough to be read whole,
+    the SHA-256 of its content."""
     with open(path, "rb") as handle:
         stat = os.fstat(handle.fileno())
         if stat.st_size <= _READ_WHOLE_UP_TO:
             content = handle.read()
             verdict = validate_file(path, io.BytesIO(content))
-            digest = hashlib.sha256(content) if verdict.outcome == "valid" else None
-        else:
-            verdict = validate_file(path, handle)
-            digest = None
-            if verdict.outcome == "valid":
-                buffer = getattr(_hash_buffers, "view", None)
-                if buffer is None:
-                    buffer = _hash_buffers.view = memoryview(bytearray(_HASH_BLOCK))
-                handle.seek(0)
-                digest = hashlib.sha256()
-                while count := handle.readinto(buffer):
-                    digest.update(buffer[:count])
-    return verdict, stat, None if digest is None else digest.hexdigest()
+            digest = hashlib.sha256(content).hexdigest() if verdict.outcome == "valid" else None
+            return verdict, stat, digest
+        return validate_file(path, handle), stat, None
+
+
+def _hash_file(path: str) -> str | None:
+    """The SHA-256 of a file's content; None when it is gone or cannot be read."""
+    buffer = getattr(_hash_buffers, "view", None)
+    if buffer is None:
+        buffer = _hash_buffers.view = memoryview(bytearray(_HASH_BLOCK))
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while count := handle.readinto(buffer):
+                digest.update(buffer[:count])
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _move(source: str | os.PathLike[str], target: str | os.PathLike[str],
@@ -443,16 +451,26 @@ class Watcher:
     async def _drop_duplicates(
         self, candidates: list[tuple[LedgerFile, _Checked]], stamp: str
     ) -> list[tuple[LedgerFile, _Checked]]:
-        keys = {(row.sop_instance_uid, row.sha256) for row, _ in candidates
-                if row.sop_instance_uid and row.sha256}
+        uids = {row.sop_instance_uid for row, _ in candidates if row.sop_instance_uid}
         # A candidate's own deliveries may be confirmed meanwhile: it is no copy of itself.
-        sent = await self.ledger.find_sent(
-            keys, exclude_file_ids=[row.id for row, _ in candidates])  # type: ignore[arg-type]
+        copies = await self.ledger.sent_copies(
+            uids, exclude_file_ids=[row.id for row, _ in candidates])
+        if not copies:
+            return candidates
+        hashes = await self._content_hashes(candidates, copies)
         duplicates: dict[int, str] = {}
         keep: list[tuple[LedgerFile, _Checked]] = []
         rows: dict[int, LedgerFile] = {}
         for row, item in candidates:
-            where = sent.get((row.sop_instance_uid or "", row.sha256 or ""))
+            own = hashes.get(row.id)
+            where: set[str] = set()
+            for copy in copies.get(row.sop_instance_uid or "", ()):
+                if own is not None and hashes.get(copy.file_id) == own:
+                    where |= copy.destinations
+                elif copy.file_id not in hashes:
+                    log.info("%s has the SOP Instance UID of file %d, sent before, whose"
+                             " content is gone (%s): it cannot be compared, so it is sent",
+                             row.path, copy.file_id, copy.location)
             if where:
                 duplicates[row.id] = ("already sent (same SOP Instance UID and content) to "
                                       + ", ".join(sorted(where)))
@@ -461,6 +479,32 @@ class Watcher:
                 keep.append((row, item))
         await self._set_aside_duplicates(duplicates, rows, stamp)
         return keep
+
+    async def _content_hashes(
+        self, candidates: list[tuple[LedgerFile, _Checked]], copies: dict[str, list[SentCopy]]
+    ) -> dict[int, str]:
+        """SHA-256 by file id of the candidates with a sent copy, and of those copies: the
+        ledger's, else read now (a candidate where it lies, a copy where it is now) and kept."""
+        hashes: dict[int, str] = {}
+        to_read: dict[int, str] = {}
+        for row, _ in candidates:
+            if row.sop_instance_uid in copies:
+                if row.sha256:
+                    hashes[row.id] = row.sha256
+                else:
+                    to_read[row.id] = row.path
+        for copy in (c for found in copies.values() for c in found):
+            if copy.sha256:
+                hashes[copy.file_id] = copy.sha256
+            elif copy.location:
+                to_read[copy.file_id] = copy.location
+        if to_read:
+            read = await asyncio.to_thread(
+                lambda: {file_id: _hash_file(path) for file_id, path in to_read.items()})
+            computed = {file_id: digest for file_id, digest in read.items() if digest}
+            await self.ledger.set_hashes(computed)
+            hashes.update(computed)
+        return hashes
 
     async def _set_aside_duplicates(self, reasons: dict[int, str], rows: dict[int, LedgerFile],
                                     stamp: str) -> None:

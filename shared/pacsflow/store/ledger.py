@@ -48,6 +48,7 @@ __all__ = [
     "Outcome",
     "Recorded",
     "SeenFile",
+    "SentCopy",
 ]
 
 FileStatus = Literal["ready", "sending", "sent", "failed", "invalid", "duplicate", "archived"]
@@ -163,6 +164,20 @@ class Announcing:
 
 
 @dataclass(frozen=True, slots=True)
+class SentCopy:
+    """A file some destination confirmed, as a new file with its SOP Instance UID is compared
+    with it."""
+
+    file_id: int
+    sop_instance_uid: str
+    #: None when it was not hashed (large files are hashed only when a copy turns up)
+    sha256: str | None
+    #: where its content is now: the archive once archived, else where it was found
+    location: str | None
+    destinations: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """A row of ``ledger_deliveries``: one file and one destination."""
 
@@ -209,7 +224,7 @@ def _values(rows: int, columns: int) -> str:
 
 
 def find_sent_query(dialect: str, uids: Sequence[str]) -> tuple[str, list[Any]]:
-    """The statement (and its arguments) :meth:`Ledger.find_sent` runs for a chunk of UIDs.
+    """The statement (and its arguments) :meth:`Ledger.sent_copies` runs for a chunk of UIDs.
 
     Both tables are probed by index, one UID at a time, whatever the planner believes about
     their size: on PostgreSQL each UID of an array looks up its files by
@@ -220,16 +235,18 @@ def find_sent_query(dialect: str, uids: Sequence[str]) -> tuple[str, list[Any]]:
     """
     if dialect == "postgres":
         return (
-            "SELECT f.id, f.sop_instance_uid, f.sha256, d.destination"
+            "SELECT f.id, f.sop_instance_uid, f.sha256, f.path, f.status, f.archive_path,"
+            " d.destination"
             " FROM unnest($1::text[]) AS wanted (uid)"
-            " CROSS JOIN LATERAL (SELECT id, sop_instance_uid, sha256 FROM ledger_files"
-            "  WHERE sop_instance_uid = wanted.uid OFFSET 0) AS f"
+            " CROSS JOIN LATERAL (SELECT id, sop_instance_uid, sha256, path, status,"
+            "  archive_path FROM ledger_files WHERE sop_instance_uid = wanted.uid OFFSET 0) AS f"
             " CROSS JOIN LATERAL (SELECT destination FROM ledger_deliveries"
             "  WHERE file_id = f.id AND status IN ('sent', 'warning') OFFSET 0) AS d",
             [list(uids)],
         )  # fmt: skip
     return (
-        "SELECT f.id, f.sop_instance_uid, f.sha256, d.destination"
+        "SELECT f.id, f.sop_instance_uid, f.sha256, f.path, f.status, f.archive_path,"
+        " d.destination"
         " FROM ledger_files f JOIN ledger_deliveries d ON d.file_id = f.id"
         f" WHERE f.sop_instance_uid IN ({_placeholders(len(uids))})"
         " AND d.status IN ('sent', 'warning')",
@@ -437,24 +454,34 @@ class Ledger:
             [(file_id, status, reason, now) for file_id, reason in reasons.items()],
         )
 
-    async def find_sent(
-        self, instances: Iterable[tuple[str, str]], *, exclude_file_ids: Iterable[int] = ()
-    ) -> dict[tuple[str, str], frozenset[str]]:
-        """For (SOP Instance UID, sha256) pairs already confirmed somewhere: the destinations.
+    async def sent_copies(
+        self, uids: Iterable[str], *, exclude_file_ids: Iterable[int] = ()
+    ) -> dict[str, list[SentCopy]]:
+        """The files with these SOP Instance UIDs that some destination confirmed (sent or
+        warning), by UID, each with those destinations.
 
         Files in ``exclude_file_ids`` do not count: a file is no copy of itself."""
-        wanted = set(instances)
         excluded = set(exclude_file_ids)
-        uids = sorted({uid for uid, _ in wanted})
-        found: dict[tuple[str, str], set[str]] = {}
-        for chunk in _chunks(uids, 1):
+        files: dict[int, Row] = {}
+        destinations: dict[int, set[str]] = {}
+        for chunk in _chunks(sorted(set(uids)), 1):
             sql, args = find_sent_query(self._db.dialect, chunk)
-            rows = await self._db.fetch(sql, *args)
-            for row in rows:
-                key = (row["sop_instance_uid"], row["sha256"])
-                if key in wanted and row["id"] not in excluded:
-                    found.setdefault(key, set()).add(row["destination"])
-        return {key: frozenset(destinations) for key, destinations in found.items()}
+            for row in await self._db.fetch(sql, *args):
+                if row["id"] not in excluded:
+                    files.setdefault(row["id"], row)
+                    destinations.setdefault(row["id"], set()).add(row["destination"])
+        found: dict[str, list[SentCopy]] = {}
+        for file_id, row in sorted(files.items()):
+            location = row["archive_path"] if row["status"] == "archived" else row["path"]
+            found.setdefault(row["sop_instance_uid"], []).append(SentCopy(
+                file_id, row["sop_instance_uid"], row["sha256"], location,
+                frozenset(destinations[file_id])))  # fmt: skip
+        return found
+
+    async def set_hashes(self, hashes: Mapping[int, str]) -> None:
+        """Store content hashes (file id -> SHA-256) computed after the files were recorded."""
+        await self._db.executemany(
+            "UPDATE ledger_files SET sha256 = $2 WHERE id = $1", list(hashes.items()))
 
     async def add_deliveries(self, file_ids: Iterable[int], destinations: Iterable[str]) -> None:
         """Create a pending delivery of each file to each destination (existing ones stay)."""
