@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -96,6 +97,29 @@ class TestEmbeddedFile:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
         assert {"bus_bindings", "bus_messages", "bus_dead_letters", "bus_owners"} <= tables
         assert all(name.startswith(("bus_", "sqlite_")) for name in tables)
+
+    async def test_starting_waits_while_another_process_writes_a_new_bus_file(
+        self, tmp_path: Path
+    ) -> None:
+        # Two services starting on one new file: the first is still in its first,
+        # rollback-journal write; SQLite refuses the switch to WAL at once ("database is
+        # locked") rather than on the busy timeout, so starting must wait for it.
+        path = tmp_path / "bus.db"
+        writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        writer.execute("CREATE TABLE t (x)")
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("INSERT INTO t VALUES (1)")
+        release = threading.Timer(0.3, lambda: writer.execute("COMMIT"))
+        release.start()
+        try:
+            bus = EmbeddedBus(path, BusSettings(), registry=CollectorRegistry())
+            await bus.start()
+            await bus.close()
+        finally:
+            release.join()
+            writer.close()
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
     async def test_queued_events_survive_closing_and_reopening(
         self, embedded_factory: _Factory

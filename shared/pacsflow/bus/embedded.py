@@ -55,10 +55,13 @@ from pacsflow.bus.metrics import BusMetrics
 from pacsflow.config import BusSettings
 from pacsflow.errors import BusError
 from pacsflow.events import Event, encode_event
+from pacsflow.store.sqlite import switch_to_wal
 
 __all__ = ["EmbeddedBus"]
 
 _SCHEMA_VERSION = 1
+# Seconds a statement waits for another process's write lock on the file.
+_BUSY_TIMEOUT = 30.0
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS bus_meta (
@@ -166,17 +169,18 @@ class EmbeddedBus:
         """Open the file, create the bus tables, and return claims a dead process left."""
         if self._db is not None:
             return
-        if self._path != ":memory:":
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
         try:
-            db = await aiosqlite.connect(self._path, isolation_level=None, timeout=30.0)
+            if self._path != ":memory:":
+                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+                # Before the connection that stays: another process opening the same new file
+                # at once must not make the switch fail ("database is locked").
+                await asyncio.to_thread(switch_to_wal, self._path, _BUSY_TIMEOUT)
+            db = await aiosqlite.connect(self._path, isolation_level=None, timeout=_BUSY_TIMEOUT)
         except (sqlite3.Error, OSError) as err:
             raise BusError(f"cannot open the bus file {self._path}: {err}") from err
         self._db = db
         try:
-            await db.execute("PRAGMA busy_timeout = 30000")
-            if self._path != ":memory:":
-                await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT * 1000)}")
             await db.execute("PRAGMA synchronous = FULL")
             async with self._transaction() as tx:
                 for statement in _SCHEMA:

@@ -154,6 +154,16 @@ def _connect(path: str, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
+def switch_to_wal(path: str | PathLike[str], busy_timeout: float) -> None:
+    """Put the SQLite file at ``path`` (created if missing) in WAL mode, which the file keeps,
+    waiting up to ``busy_timeout`` seconds while another connection holds it."""
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    try:
+        _use_wal(conn, busy_timeout)
+    finally:
+        conn.close()
+
+
 def _use_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
     # Switching a file to WAL needs its exclusive lock. While another connection is writing the
     # file in its first (rollback-journal) transaction, SQLite answers "database is locked" at
