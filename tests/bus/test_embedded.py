@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from tests.bus.contract import (
     eventually,
     file_sent,
 )
+from tests.sqlite_files import first_write_in_progress
 
 
 class _Factory:
@@ -105,19 +105,10 @@ class TestEmbeddedFile:
         # rollback-journal write; SQLite refuses the switch to WAL at once ("database is
         # locked") rather than on the busy timeout, so starting must wait for it.
         path = tmp_path / "bus.db"
-        writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        writer.execute("CREATE TABLE t (x)")
-        writer.execute("BEGIN IMMEDIATE")
-        writer.execute("INSERT INTO t VALUES (1)")
-        release = threading.Timer(0.3, lambda: writer.execute("COMMIT"))
-        release.start()
-        try:
+        with first_write_in_progress(path, commit_after=0.3):
             bus = EmbeddedBus(path, BusSettings(), registry=CollectorRegistry())
             await bus.start()
             await bus.close()
-        finally:
-            release.join()
-            writer.close()
         with sqlite3.connect(path) as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 

@@ -15,6 +15,7 @@ from pacsflow.config import StateSettings
 from pacsflow.errors import StoreError
 from pacsflow.store import Database, SqliteDatabase, open_database
 from pacsflow.store.sqlite import translate_parameters
+from tests.sqlite_files import first_write_in_progress
 
 from .contract import DatabaseContract, LedgerContract, MigrationContract
 
@@ -87,36 +88,20 @@ class TestSqliteFile:
         # A file still in its first, rollback-journal write: SQLite refuses the switch to WAL
         # at once ("database is locked") rather than on the busy timeout, so opening must wait.
         path = tmp_path / "s.db"
-        writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        writer.execute("CREATE TABLE t (x)")
-        writer.execute("BEGIN IMMEDIATE")
-        writer.execute("INSERT INTO t VALUES (1)")
-        release = threading.Timer(0.3, lambda: writer.execute("COMMIT"))
-        release.start()
-        try:
+        with first_write_in_progress(path, commit_after=0.3):
             db = await SqliteDatabase.open(path, busy_timeout=5)
             try:
                 assert await db.fetchval("PRAGMA journal_mode") == "wal"
                 assert await db.fetchval("SELECT count(*) FROM t") == 1
             finally:
                 await db.close()
-        finally:
-            release.join()
-            writer.close()
 
     async def test_opening_gives_up_after_the_busy_timeout(self, tmp_path: Path) -> None:
         path = tmp_path / "s.db"
-        writer = sqlite3.connect(path, isolation_level=None)
-        writer.execute("CREATE TABLE t (x)")
-        writer.execute("BEGIN IMMEDIATE")
-        writer.execute("INSERT INTO t VALUES (1)")
-        started = time.monotonic()
-        try:
+        with first_write_in_progress(path):
+            started = time.monotonic()
             with pytest.raises(StoreError, match="locked"):
                 await SqliteDatabase.open(path, busy_timeout=0.3)
-        finally:
-            writer.execute("ROLLBACK")
-            writer.close()
         assert time.monotonic() - started >= 0.2
 
     async def test_too_old_sqlite_is_refused(
