@@ -107,6 +107,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="sender processes of the uploader and of pacsflow send "
                         "(default: the uploader's, one per core up to one per association)")
     parser.add_argument("--router-processes", type=int, default=1, help="router.processes")
+    parser.add_argument("--operations-window", type=int, default=8,
+                        help="C-STOREs outstanding per association from pacsflow to its own "
+                        "router-scp (the router node's operations_window; 1: one at a time)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
     parser.add_argument("--profile", choices=["py-spy"], default=None,
                         help="record profiles of the pacsflow processes in an extra run")
@@ -227,7 +230,8 @@ def _summary(args: argparse.Namespace, datasets: dict[str, BenchData],
                     "platform": platform.platform(), "dcmtk": _dcmtk_version()},
         "options": {"rounds": args.rounds, "paths": args.paths, "associations": args.associations,
                     "sender_processes": args.sender_processes,
-                    "router_processes": args.router_processes, "folder": args.folder},
+                    "router_processes": args.router_processes,
+                    "operations_window": args.operations_window, "folder": args.folder},
         "datasets": {name: {"images": d.count, "total_bytes": d.total_bytes,
                             "mean_kb": round(d.total_bytes / d.count / 1000, 1)}
                      for name, d in datasets.items()},
@@ -310,7 +314,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         args.sender_processes = default_processes(args.associations)
     setup = Setup(
         associations=args.associations, sender_processes=args.sender_processes,
-        router_processes=args.router_processes, timeout=args.timeout,
+        router_processes=args.router_processes, operations_window=args.operations_window,
+        timeout=args.timeout,
         rabbit_url=args.rabbit_url, pg_admin_dsn=args.pg_dsn,
         profile_folder=args.output.resolve() / f"{args.started}-profiles" if args.profile else None,
     )  # fmt: skip

@@ -60,6 +60,8 @@ class Setup:
     associations: int = 1
     sender_processes: int = 1
     router_processes: int = 1
+    #: C-STOREs pacsflow may have outstanding per association to its own router-scp
+    operations_window: int = 1
     timeout: float = 600.0
     rabbit_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     pg_admin_dsn: str = "postgresql://postgres@127.0.0.1:5432/test"
@@ -220,7 +222,8 @@ def _base_config(target: Target, router_port: int, out: Path) -> dict[str, Any]:
         "state": {"backend": "sqlite", "path": str(target.work / "state.db")},
         "bus": {"backend": "embedded", "declare_services": ["watcher", "uploader", "router-scp"]},
         "dicom": {"ae_title": CALLING_AE},
-        "nodes": {"router": {"ae_title": ROUTER_AE, "host": "127.0.0.1", "port": router_port}},
+        "nodes": {"router": {"ae_title": ROUTER_AE, "host": "127.0.0.1", "port": router_port,
+                             "operations_window": setup.operations_window}},
         "router": {
             "ae_title": ROUTER_AE, "host": "127.0.0.1", "port": router_port,
             "processes": setup.router_processes,
@@ -397,7 +400,8 @@ async def send_to_router(target: Target, data: BenchData) -> RunResult:
         started = time.perf_counter()
         (summary,) = await send_files(
             [str(path) for path in data.paths],
-            [("router", Node(ae_title=ROUTER_AE, host="127.0.0.1", port=port))], options,
+            [("router", Node(ae_title=ROUTER_AE, host="127.0.0.1", port=port,
+                             operations_window=setup.operations_window))], options,
             associations=setup.associations, processes=setup.sender_processes, pool=pool,
         )  # fmt: skip
         seconds = time.perf_counter() - started

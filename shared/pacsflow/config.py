@@ -95,6 +95,11 @@ class Node(_Section):
     host: str
     port: Port
     tls: TlsSettings = TlsSettings()
+    # C-STOREs the uploader may have outstanding on one association (asynchronous operations,
+    # PS3.7 D.3.3.3). Above 1 only for a peer known to support them, such as pacsflow's own
+    # router-scp: some PACS drop the connection when they are proposed. Peers that do not
+    # answer the proposal get one at a time.
+    operations_window: int = Field(default=1, ge=1, le=256)
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -348,6 +353,10 @@ class RouterSettings(_Section):
     pdu_timeout_seconds: float = Field(default=30.0, gt=0)
     # A larger data set is refused (0xA700) instead of held in memory.
     max_instance_bytes: int = Field(default=2 << 30, ge=1 << 20)
+    # C-STOREs a sender may have outstanding on one association when it proposes
+    # asynchronous operations (PS3.7 D.3.3.3); answered in order, several in one write. 1
+    # declines the proposal. The asyncio engine only.
+    operations_window: int = Field(default=16, ge=1, le=256)
     # fsync every file (and its folder) before answering: survives a power cut, costs time.
     fsync: bool = False
     # Study updates go to the state store in batches this often (and at shutdown).

@@ -117,6 +117,7 @@ class Router:
                 idle_timeout=config.idle_timeout_seconds,
                 pdu_timeout=config.pdu_timeout_seconds,
                 max_instance_bytes=config.max_instance_bytes,
+                operations_window=config.operations_window,
             ),
             tls=self.settings.dicom.tls,
             fsync=config.fsync,

@@ -77,6 +77,8 @@ _PDU_HEADER = struct.Struct(">BBI")
 # A sender only ever reads small PDUs (association answers, C-STORE-RSP); a huge length
 # means the peer is not speaking DICOM.
 _MAX_PDU_READ = 16 * 1024 * 1024
+# What one recv asks for: several C-STORE-RSPs (about 200 bytes each) at once.
+_RECEIVE_SIZE = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +131,23 @@ class StoreConnection(Protocol):
     def send(self, file: IdentifiedFile) -> SendResult:
         """C-STORE one file; never raises for a per-file problem."""
 
+    def send_many(self, files: Sequence[IdentifiedFile]) -> list[SendResult]:
+        """C-STORE files in order; one result per file tried. Fewer results than files only
+        when the association was lost: the files after the tried ones were not sent."""
+
     def close(self) -> None:
         """Release the association (abort it when the release is not answered)."""
+
+
+def _send_each(session: StoreConnection, files: Sequence[IdentifiedFile]) -> list[SendResult]:
+    """:meth:`StoreConnection.send_many` one request at a time."""
+    results: list[SendResult] = []
+    for file in files:
+        result = session.send(file)
+        results.append(result)
+        if result.category == "error" and not session.is_open:
+            break
+    return results
 
 
 class _PeerEnded(Exception):
@@ -156,6 +173,10 @@ class LeanStoreSession:
         self._send_pdu = 0
         self._message_id = 0
         self._vectored = True
+        # Requests that may be outstanding at once (the negotiated asynchronous window).
+        self._window = 1
+        # Bytes received and not yet read as PDUs: one recv may bring several answers.
+        self._received = bytearray()
 
     # --- association ------------------------------------------------------------------
 
@@ -203,6 +224,7 @@ class LeanStoreSession:
                     self.options.max_pdu,
                     IMPLEMENTATION_CLASS_UID,
                     IMPLEMENTATION_VERSION_NAME,
+                    self.node.operations_window,
                 )
             ]
         )
@@ -224,15 +246,23 @@ class LeanStoreSession:
         self._send_pdu = accept.max_pdu if accept.max_pdu else _UNLIMITED_PDU
         # The smallest sensible PDU (PS3.8 D.1.1 leaves it open; DCMTK accepts 4096 up).
         self._send_pdu = max(self._send_pdu, 1024)
+        # 0 from the peer: no limit of its own, ours holds.
+        wanted = self.node.operations_window
+        self._window = min(accept.operations_window or wanted, wanted)
         LOGGER.debug(
-            "associated with %s: %d of %d contexts accepted, PDU %d",
-            self.node, len(self._context_ids), len(contexts), self._send_pdu,
+            "associated with %s: %d of %d contexts accepted, PDU %d, %d outstanding",
+            self.node, len(self._context_ids), len(contexts), self._send_pdu, self._window,
         )  # fmt: skip
 
     @property
     def is_open(self) -> bool:
         """True while the association can carry requests."""
         return self._sock is not None
+
+    @property
+    def operations_window(self) -> int:
+        """Requests this association may have outstanding (1 unless the peer granted more)."""
+        return self._window
 
     def accepts(self, presentation: tuple[str, str]) -> bool:
         """True when the peer accepted this (SOP class, transfer syntax) pair."""
@@ -246,7 +276,7 @@ class LeanStoreSession:
             readable, _, _ = select.select([self._sock], [], [], 0)
         except (OSError, ValueError):
             readable = [self._sock]
-        if readable:
+        if readable or self._received:
             # Between requests a peer only sends A-RELEASE-RQ, A-ABORT or a close.
             self._abort()
             return False
@@ -283,6 +313,7 @@ class LeanStoreSession:
         self._drop()
 
     def _drop(self) -> None:
+        self._received.clear()
         sock, self._sock = self._sock, None
         if sock is not None:
             try:
@@ -294,6 +325,71 @@ class LeanStoreSession:
 
     def send(self, file: IdentifiedFile) -> SendResult:
         """C-STORE one file's encoded data set; never raises for a per-file problem."""
+        sent = self._request(file)
+        if isinstance(sent, SendResult):
+            return sent
+        message_id, started = sent
+        try:
+            self._await_answer()
+            response = self._read_response()
+        except (OSError, _PeerEnded, ValueError) as err:
+            self._abort()
+            return self._lost(file, started, err)
+        if response.message_id_responded != message_id:
+            return self._unexpected(file, started)
+        return self._answered(file, response, started)
+
+    def send_many(self, files: Sequence[IdentifiedFile]) -> list[SendResult]:
+        """C-STORE files in order with up to the negotiated window of requests outstanding;
+        one result per file tried (in the order the answers came). Fewer results than files
+        only when the association was lost: the files after the tried ones were not sent."""
+        if self._window <= 1:
+            return _send_each(self, files)
+        results: list[SendResult] = []
+        # message ID -> (file, when its request began), in the order sent
+        outstanding: dict[int, tuple[IdentifiedFile, float]] = {}
+        for file in files:
+            while len(outstanding) >= self._window and self._sock is not None:
+                self._collect(outstanding, results)
+            if self._sock is None:
+                break
+            sent = self._request(file)
+            if isinstance(sent, SendResult):
+                results.append(sent)
+                if self._sock is None:  # the request could not be written: lost
+                    results += [self._lost(f, t, None) for f, t in outstanding.values()]
+                    outstanding.clear()
+                    break
+                continue
+            outstanding[sent[0]] = (file, sent[1])
+        while outstanding and self._sock is not None:
+            self._collect(outstanding, results)
+        return results
+
+    def _collect(self, outstanding: dict[int, tuple[IdentifiedFile, float]],
+                 results: list[SendResult]) -> None:  # fmt: skip
+        """Read one answer; when the association is lost, every outstanding file's result."""
+        try:
+            self._await_answer()
+            response = self._read_response()
+        except (OSError, _PeerEnded, ValueError) as err:
+            self._abort()
+            results += [self._lost(f, t, err) for f, t in outstanding.values()]
+            outstanding.clear()
+            return
+        entry = outstanding.pop(response.message_id_responded, None)
+        if entry is None:
+            results += [self._unexpected(f, t) for f, t in outstanding.values()]
+            outstanding.clear()
+            return
+        results.append(self._answered(entry[0], response, entry[1]))
+        if self._sock is None:  # that answer was no C-STORE-RSP: aborted
+            results += [self._lost(f, t, None) for f, t in outstanding.values()]
+            outstanding.clear()
+
+    def _request(self, file: IdentifiedFile) -> SendResult | tuple[int, float]:
+        """Write one C-STORE-RQ: its message ID and start time, or the result when it could
+        not be sent (nothing accepted for it, an unreadable file, a lost association)."""
         key = file.job.key
         if self._sock is None:
             return SendResult(
@@ -326,27 +422,30 @@ class LeanStoreSession:
                 key, "error", size=file.size, seconds=time.perf_counter() - started,
                 error=f"association with {self.node} lost while sending: {_reason(err)}",
             )  # fmt: skip
-        try:
-            self._await_answer()
-            response = self._read_response()
-        except (OSError, _PeerEnded, ValueError) as err:
-            self._abort()
-            return SendResult(
-                key, "error", size=file.size, seconds=time.perf_counter() - started,
-                transmitted=True,
-                error=f"no C-STORE response from {self.node}: {_reason(err)}",
-            )  # fmt: skip
+        return message_id, started
+
+    def _lost(self, file: IdentifiedFile, started: float, err: BaseException | None) -> SendResult:
+        # The whole request left: the peer may have stored it (in doubt).
+        reason = _reason(err) if err is not None else "the association was lost"
+        return SendResult(
+            file.job.key, "error", size=file.size, seconds=time.perf_counter() - started,
+            transmitted=True, error=f"no C-STORE response from {self.node}: {reason}",
+        )  # fmt: skip
+
+    def _unexpected(self, file: IdentifiedFile, started: float) -> SendResult:
+        self._abort()
+        return SendResult(
+            file.job.key, "error", size=file.size, seconds=time.perf_counter() - started,
+            transmitted=True,
+            error=f"{self.node} answered with an unexpected message; association aborted",
+        )  # fmt: skip
+
+    def _answered(self, file: IdentifiedFile, response: pdu.StoreResponse,
+                  started: float) -> SendResult:  # fmt: skip
+        key = file.job.key
         seconds = time.perf_counter() - started
-        if (
-            response.command_field != pdu.C_STORE_RSP
-            or response.message_id_responded != message_id
-            or response.status is None
-        ):
-            self._abort()
-            return SendResult(
-                key, "error", size=file.size, seconds=seconds, transmitted=True,
-                error=f"{self.node} answered with an unexpected message; association aborted",
-            )  # fmt: skip
+        if response.command_field != pdu.C_STORE_RSP or response.status is None:
+            return self._unexpected(file, started)
         status = response.status
         peer_category = category(status)
         if peer_category == "success":
@@ -370,6 +469,8 @@ class LeanStoreSession:
         sock = self._sock
         if sock is None:
             raise ConnectionError("not connected")
+        if self._received:
+            return  # an answer (or its beginning) came with the previous one
         timeout = self.options.dimse_timeout
         waiting = unacknowledged_bytes(sock)
         while not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
@@ -421,28 +522,28 @@ class LeanStoreSession:
             # go on from what is left.
             index = skip_written(views, index, sent)
 
-    def _recv_exact(self, size: int) -> bytearray:
+    def _receive(self, size: int) -> None:
+        """Have at least ``size`` bytes received; what else has arrived is kept too."""
         sock = self._sock
         if sock is None:
             raise ConnectionError("not connected")
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        got = 0
-        while got < size:
-            count = sock.recv_into(view[got:])
-            if count == 0:
+        while len(self._received) < size:
+            chunk = sock.recv(max(size - len(self._received), _RECEIVE_SIZE))
+            if not chunk:
                 raise _PeerEnded("the peer closed the connection")
-            got += count
-        return buffer
+            self._received += chunk
 
     def _read_pdu(self) -> tuple[int, bytes]:
-        header = self._recv_exact(6)
-        pdu_type, _reserved, length = _PDU_HEADER.unpack(header)
+        self._receive(6)
+        pdu_type, _reserved, length = _PDU_HEADER.unpack_from(self._received)
         if pdu_type not in range(1, 8):
             raise _PeerEnded(f"not a DICOM PDU (type {pdu_type})")
         if length > _MAX_PDU_READ:
             raise _PeerEnded(f"a PDU of {length} bytes: not a DICOM peer")
-        return pdu_type, bytes(self._recv_exact(length))
+        self._receive(6 + length)
+        body = bytes(self._received[6 : 6 + length])
+        del self._received[: 6 + length]
+        return pdu_type, body
 
 
 class AsyncioStoreSession:
@@ -519,6 +620,10 @@ class AsyncioStoreSession:
             key, outcome.category, outcome.status, outcome.error,
             time.perf_counter() - started, file.size, outcome.transmitted,
         )  # fmt: skip
+
+    def send_many(self, files: Sequence[IdentifiedFile]) -> list[SendResult]:
+        """C-STORE files in order, one request at a time."""
+        return _send_each(self, files)
 
     def close(self) -> None:
         """Release the association (abort it when the release is not answered)."""
@@ -597,6 +702,10 @@ class PynetdicomStoreSession:
             # pynetdicom does not say how far the request got: after an error it is in doubt.
             transmitted=result.category != "invalid",
         )
+
+    def send_many(self, files: Sequence[IdentifiedFile]) -> list[SendResult]:
+        """C-STORE files in order, one request at a time."""
+        return _send_each(self, files)
 
     def close(self) -> None:
         """Release the association."""

@@ -132,24 +132,25 @@ class Slot:
                 rest = [f for g in groups[index:] for f in g.files]
                 results += _not_tried(rest, str(err))
                 return ChunkResult(results, str(err), opened, False)
-            for position, file in enumerate(group.files):
+            files = group.files
+            while files:
                 assert self._session is not None
-                result = self._session.send(file)
-                results.append(result)
-                if result.category == "error" and not self._session.is_open:
-                    # The association is gone (aborted, timed out): associate again once
-                    # for the rest; a destination that went away shows up here.
-                    LOGGER.info("association with %s lost: %s", self.node, result.error)
-                    self._session = None
-                    rest = group.files[position + 1 :] + [f for g in groups[index + 1 :]
-                                                           for f in g.files]
-                    if not rest:
-                        break
-                    try:
-                        opened += self._ensure_session(group.presentations)
-                    except AssociationRejected as err:
-                        results += _not_tried(rest, str(err))
-                        return ChunkResult(results, str(err), opened, False)
+                sent = self._session.send_many(files)
+                results += sent
+                files = files[len(sent) :]
+                if not files:
+                    break
+                # The association is gone (aborted, timed out): associate again for the
+                # rest; a destination that went away shows up here.
+                LOGGER.info("association with %s lost: %s", self.node,
+                            sent[-1].error if sent else "closed")  # fmt: skip
+                self._session = None
+                try:
+                    opened += self._ensure_session(group.presentations)
+                except AssociationRejected as err:
+                    rest = files + [f for g in groups[index + 1 :] for f in g.files]
+                    results += _not_tried(rest, str(err))
+                    return ChunkResult(results, str(err), opened, False)
         self._last_used = time.monotonic()
         return ChunkResult(results, None, opened, self.association_open)
 

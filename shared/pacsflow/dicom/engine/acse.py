@@ -17,6 +17,7 @@ from typing import Any
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
@@ -59,6 +60,8 @@ class Request:
     max_pdu: int
     contexts: list[PresentationContext]
     roles: dict[str, tuple[bool | None, bool | None]] = field(default_factory=dict)
+    #: the asynchronous operations window proposed (invoked, performed), if one was
+    operations: tuple[int, int] | None = None
 
 
 def _text(value: Any) -> str:
@@ -76,11 +79,15 @@ def read_request(pdu: bytes) -> Request:
         contexts = list(primitive.presentation_context_definition_list)
         max_pdu = 0
         roles: dict[str, tuple[bool | None, bool | None]] = {}
+        operations: tuple[int, int] | None = None
         for item in primitive.user_information:
             if isinstance(item, MaximumLengthNotification):
                 max_pdu = int(item.maximum_length_received or 0)
             elif isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
                 roles[str(item.sop_class_uid)] = (item.scu_role, item.scp_role)
+            elif isinstance(item, AsynchronousOperationsWindowNegotiation):
+                operations = (int(item.maximum_number_operations_invoked or 0),
+                              int(item.maximum_number_operations_performed or 0))
         return Request(
             primitive=primitive,
             protocol_version=int(decoded.protocol_version),
@@ -90,6 +97,7 @@ def read_request(pdu: bytes) -> Request:
             max_pdu=max_pdu,
             contexts=contexts,
             roles=roles,
+            operations=operations,
         )
     except PduError:
         raise
@@ -116,8 +124,13 @@ def accept(
     max_pdu: int,
     implementation_class_uid: str,
     implementation_version: str,
+    operations_window: int = 1,
 ) -> Acceptance:
     """Negotiate ``request``'s contexts as an acceptor and encode the A-ASSOCIATE-AC.
+
+    A requestor that proposes an asynchronous operations window (PS3.7 D.3.3.3) may have up
+    to ``operations_window`` requests outstanding (at most what it proposed); this side
+    invokes none. At 1 the proposal is not answered, which means one at a time.
 
     Every abstract syntax the filter takes (and Verification) is supported with the
     requestor's own transfer syntaxes in its order of preference (PS3.8 9.3.2.2), restricted
@@ -161,6 +174,15 @@ def accept(
     version = ImplementationVersionNameNotification()
     version.implementation_version_name = implementation_version
     primitive.user_information = [maximum, implementation, version, *roles]
+    if request.operations is not None and operations_window > 1:
+        proposed = request.operations[0]
+        window = AsynchronousOperationsWindowNegotiation()
+        # 0 proposes no limit: ours applies.
+        window.maximum_number_operations_invoked = (
+            min(proposed, operations_window) if proposed else operations_window
+        )
+        window.maximum_number_operations_performed = 1
+        primitive.user_information.append(window)
     answer = A_ASSOCIATE_AC()
     answer.from_primitive(primitive)
     accepted = {

@@ -307,6 +307,9 @@ class AssociateAccept:
     max_pdu: int
     #: context ID -> result/reason code for those not accepted (PS3.8 9.3.3.2)
     refused: dict[int, int] = field(default_factory=dict)
+    #: requests the requestor may have outstanding (PS3.7 D.3.3.3; 0: no limit); 1 when the
+    #: peer did not answer an asynchronous operations window
+    operations_window: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,8 +328,14 @@ def associate_rq(
     max_pdu: int,
     implementation_class_uid: str,
     implementation_version_name: str,
+    operations_window: int = 1,
 ) -> bytes:
-    """An A-ASSOCIATE-RQ PDU proposing ``contexts`` (PS3.8 9.3.2)."""
+    """An A-ASSOCIATE-RQ PDU proposing ``contexts`` (PS3.8 9.3.2).
+
+    ``operations_window`` above 1 proposes that many outstanding requests (PS3.7 D.3.3.3;
+    this side performs none for the peer). At 1 the item is left out: some PACS drop the
+    connection on it, and leaving it out means one at a time.
+    """
     variable = _item(0x10, APPLICATION_CONTEXT.encode("ascii"))
     for context in contexts:
         body = (
@@ -335,11 +344,12 @@ def associate_rq(
             + _item(0x40, context.transfer_syntax.encode("ascii"))
         )
         variable += _item(0x20, body)
-    user = (
-        _item(0x51, struct.pack(">I", max_pdu))
-        + _item(0x52, implementation_class_uid.encode("ascii"))
-        + _item(0x55, implementation_version_name.encode("ascii"))
+    user = _item(0x51, struct.pack(">I", max_pdu)) + _item(
+        0x52, implementation_class_uid.encode("ascii")
     )
+    if operations_window > 1:
+        user += _item(0x53, struct.pack(">HH", min(operations_window, 0xFFFF), 1))
+    user += _item(0x55, implementation_version_name.encode("ascii"))
     variable += _item(0x50, user)
     fixed = struct.pack(">HH", 1, 0) + _ae(called_ae) + _ae(calling_ae) + bytes(32)
     return _pdu(A_ASSOCIATE_RQ, fixed + variable)
@@ -352,6 +362,7 @@ def parse_associate_ac(body: bytes) -> AssociateAccept:
     accepted: dict[int, str] = {}
     refused: dict[int, int] = {}
     max_pdu = 0
+    window = 1
     for item_type, start, end in _items(body, 68, len(body)):
         if item_type == 0x21:
             if end - start < 4:
@@ -369,7 +380,10 @@ def parse_associate_ac(body: bytes) -> AssociateAccept:
             for sub_type, sub_start, sub_end in _items(body, start, end):
                 if sub_type == 0x51 and sub_end - sub_start >= 4:
                     max_pdu = struct.unpack_from(">I", body, sub_start)[0]
-    return AssociateAccept(accepted, max_pdu, refused)
+                elif sub_type == 0x53 and sub_end - sub_start >= 4:
+                    # The first field: how many the requestor may invoke (PS3.7 D.3.3.3).
+                    window = struct.unpack_from(">H", body, sub_start)[0]
+    return AssociateAccept(accepted, max_pdu, refused, window)
 
 
 def parse_associate_rj(body: bytes) -> AssociateReject:

@@ -84,6 +84,9 @@ class Limits:
     idle_timeout: float = 60.0
     pdu_timeout: float = 30.0
     max_instance_bytes: int = 2 << 30
+    #: requests a requestor may have outstanding when it proposes asynchronous operations
+    #: (PS3.7 D.3.3.3); 1 declines the proposal
+    operations_window: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +385,10 @@ class _Association(asyncio.BufferedProtocol):
         # Reading pauses while a handler's awaitable runs and while the peer does not read.
         self.waiting = False
         self.write_paused = False
+        # While one read's PDUs are handled, answers are collected and written together at
+        # the end: a sender with several requests outstanding gets them in one write.
+        self.corked = False
+        self.unwritten: list[bytes] = []
         # The message being assembled.
         self.command_parts: list[bytes] = []
         self.command: Command | None = None
@@ -506,6 +513,7 @@ class _Association(asyncio.BufferedProtocol):
             self.view = memoryview(grown)
 
     def _process(self) -> None:
+        self.corked = True
         try:
             self._read_pdus()
         except pdu.PduError as err:
@@ -514,6 +522,9 @@ class _Association(asyncio.BufferedProtocol):
             # A fault of ours must end this association only, never the loop.
             LOGGER.exception("association from %s:%d failed", *self.address)
             self._protocol_abort(pdu.PduError(f"internal error: {err}", reason=0))
+        finally:
+            self.corked = False
+            self._flush()
 
     def _read_pdus(self) -> None:
         view = self.view
@@ -708,6 +719,7 @@ class _Association(asyncio.BufferedProtocol):
             max_pdu=self.limits.max_pdu,
             implementation_class_uid=server.implementation_class_uid,
             implementation_version=server.implementation_version,
+            operations_window=self.limits.operations_window,
         )
         self.target = target
         self.syntaxes = {cid: syntax for cid, (_abstract, syntax) in acceptance.contexts.items()}
@@ -870,7 +882,19 @@ class _Association(asyncio.BufferedProtocol):
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and self.state != _CLOSED:
-            self.transport.write(data)
+            if self.corked:
+                self.unwritten.append(data)
+            else:
+                self.transport.write(data)
+
+    def _flush(self) -> None:
+        """Write the answers collected while corked, in one write."""
+        unwritten = self.unwritten
+        if not unwritten:
+            return
+        self.unwritten = []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(unwritten[0] if len(unwritten) == 1 else b"".join(unwritten))
 
     def _update_reading(self) -> None:
         transport = self.transport
@@ -883,6 +907,7 @@ class _Association(asyncio.BufferedProtocol):
 
     def _finish(self, outcome: str, reason: str, *, abort: bool = False) -> None:
         """End the association: what we wrote goes out, then the connection closes."""
+        self._flush()
         if not self.refusing:
             self._report(outcome, reason)
         self.state = _CLOSED
