@@ -9,6 +9,7 @@ and what happens to them when the association is lost in the middle.
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -253,3 +254,28 @@ def test_a_lost_association_leaves_the_outstanding_in_doubt_and_sends_the_rest_a
         assert by_key[8].category == "error"
     assert chunk.associations_opened == 2
     assert len(peer.stored) == 1 + len(resent)
+
+
+def test_large_images_are_not_sent_ahead_of_their_answer(
+    peers: list[ScriptedPeer], tmp_path: Path
+) -> None:
+    """Beyond the first request, what is in flight stays under half a megabyte: ahead of an
+    answer go small files, not 0.5 MB images (the wire bounds those, not the round trip)."""
+    ahead: list[bool] = []
+
+    def answer_noting_what_came_ahead(conn: socket.socket, _number: int, requests: list) -> None:  # type: ignore[type-arg]
+        readable, _, _ = select.select([conn], [], [], 0.3)
+        ahead.append(bool(readable))
+        peer.answer(conn, requests[-1])
+
+    peer = ScriptedPeer(answer_noting_what_came_ahead)
+    peers.append(peer)
+    small = write_ct_series(tmp_path / "small", 4)
+    large = write_ct_series(tmp_path / "large", 4, 512, 512)
+    chunk, _window = send(peer.node, small)
+    assert [r.category for r in chunk.results] == ["success"] * 4
+    assert ahead[:3] == [True] * 3  # the next request came before the answer
+    ahead.clear()
+    chunk, _window = send(peer.node, large)
+    assert [r.category for r in chunk.results] == ["success"] * 4
+    assert ahead == [False] * 4

@@ -77,6 +77,10 @@ _PDU_HEADER = struct.Struct(">BBI")
 # A sender only ever reads small PDUs (association answers, C-STORE-RSP); a huge length
 # means the peer is not speaking DICOM.
 _MAX_PDU_READ = 16 * 1024 * 1024
+# Requests beyond the first in flight hold at most this many bytes: the window pays for small
+# files (one wake-up per several answers); a large image is bound by the wire, and one sent
+# ahead of its answer would only be copied through the peer's read buffer.
+_IN_FLIGHT_BYTES = 512 * 1024
 # What one recv asks for: several C-STORE-RSPs (about 200 bytes each) at once.
 _RECEIVE_SIZE = 64 * 1024
 
@@ -340,17 +344,22 @@ class LeanStoreSession:
         return self._answered(file, response, started)
 
     def send_many(self, files: Sequence[IdentifiedFile]) -> list[SendResult]:
-        """C-STORE files in order with up to the negotiated window of requests outstanding;
-        one result per file tried (in the order the answers came). Fewer results than files
+        """C-STORE files in order with up to the negotiated window of requests outstanding
+        (and :data:`_IN_FLIGHT_BYTES` beyond the first); one result per file tried (in the
+        order the answers came). Fewer results than files
         only when the association was lost: the files after the tried ones were not sent."""
         if self._window <= 1:
             return _send_each(self, files)
         results: list[SendResult] = []
         # message ID -> (file, when its request began), in the order sent
         outstanding: dict[int, tuple[IdentifiedFile, float]] = {}
+        in_flight = 0
         for file in files:
-            while len(outstanding) >= self._window and self._sock is not None:
+            while outstanding and self._sock is not None and (
+                len(outstanding) >= self._window or in_flight + file.size > _IN_FLIGHT_BYTES
+            ):
                 self._collect(outstanding, results)
+                in_flight = sum(f.size for f, _ in outstanding.values())
             if self._sock is None:
                 break
             sent = self._request(file)
@@ -362,6 +371,7 @@ class LeanStoreSession:
                     break
                 continue
             outstanding[sent[0]] = (file, sent[1])
+            in_flight += file.size
         while outstanding and self._sock is not None:
             self._collect(outstanding, results)
         return results
