@@ -4,11 +4,13 @@ Run from the repository root::
 
     .venv/bin/python -m bench.stress [--count 100000]
 
-Two runs: DCMTK ``storescu --repeat`` into the engine's SCP, and the engine's SCU into it.
+Three runs into the engine's SCP: DCMTK ``storescu --repeat``, the engine's SCU, and the
+uploader's sender with eight C-STOREs outstanding (asynchronous operations).
 Each counts the instances the SCP's handler saw and the successful responses the sender
 got; any difference (a lost response, a lost request) fails the run. The test suite runs
-both with 10^5 against the asyncio SCP (tests/dicom/engine/test_scp.py, test_scu.py); this
-command is the same outside pytest, with a count of choice.
+each with 10^5 against the asyncio SCP (tests/dicom/engine/test_scp.py, test_scu.py,
+tests/uploader/test_operations_window.py); this command is the same outside pytest, with a
+count of choice.
 """
 
 from __future__ import annotations
@@ -112,6 +114,31 @@ async def scu_run(path: Path, count: int) -> tuple[int, int, float]:
     return handler.stores, successes, elapsed
 
 
+def window_run(path: Path, count: int, window: int = 8) -> tuple[int, int, float]:
+    """The uploader's sender with ``window`` C-STOREs outstanding (asynchronous operations)."""
+    from pacsflow_uploader.files import FileJob, identify
+    from pacsflow_uploader.scu import LeanStoreSession
+
+    handler = CountingHandler()
+    server = _server(handler)
+    file = identify(FileJob(0, str(path)))
+    node = Node(ae_title="STRESS", host="127.0.0.1", port=server.port, operations_window=window)
+    session = LeanStoreSession(node, NetworkOptions(ae_title="STRESS"), [file.presentation])
+    successes = 0
+    started = time.perf_counter()
+    try:
+        session.open()
+        for start in range(0, count, 1000):
+            batch = [file] * min(1000, count - start)
+            successes += sum(r.category == "success" for r in session.send_many(batch))
+        elapsed = time.perf_counter() - started
+        session.close()
+    finally:
+        server.stop(2)
+        server.listener.close()
+    return handler.stores, successes, elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=100_000)
@@ -123,6 +150,7 @@ def main() -> None:
         for name, run in (
             ("storescu -> engine SCP", lambda: storescu_run(path, args.count, work)),
             ("engine SCU -> engine SCP", lambda: asyncio.run(scu_run(path, args.count))),
+            ("uploader sender, 8 in flight -> engine SCP", lambda: window_run(path, args.count)),
         ):
             stored, answered, elapsed = run()
             lost = args.count - min(stored, answered)
