@@ -61,7 +61,7 @@ class Setup:
     sender_processes: int = 1
     router_processes: int = 1
     #: C-STOREs pacsflow may have outstanding per association to its own router-scp
-    operations_window: int = 1
+    operations_window: int = 8
     timeout: float = 600.0
     rabbit_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     pg_admin_dsn: str = "postgresql://postgres@127.0.0.1:5432/test"

@@ -28,6 +28,9 @@ class TestLoadSettings:
         assert settings.state.backend == "sqlite"
         assert settings.uploader.destinations == ["router"]
         assert settings.nodes["router"].port == settings.router.port
+        # The built-in router takes several C-STOREs in flight (asynchronous operations).
+        assert settings.nodes["router"].operations_window == 8
+        assert settings.router.operations_window >= 8
 
     def test_example_file_is_valid(self) -> None:
         settings = load_settings(EXAMPLE)

@@ -739,7 +739,8 @@ class Settings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
     dicom: DicomSettings = DicomSettings()
     nodes: dict[str, Node] = {
-        "router": Node(ae_title="PACSFLOW", host="127.0.0.1", port=11112),
+        # pacsflow's own router SCP, which takes several C-STOREs in flight.
+        "router": Node(ae_title="PACSFLOW", host="127.0.0.1", port=11112, operations_window=8),
     }
     watcher: WatcherSettings = WatcherSettings()
     uploader: UploaderSettings = UploaderSettings()

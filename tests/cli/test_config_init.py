@@ -88,6 +88,9 @@ def test_interactive_setup_tests_each_node_and_writes_a_valid_file(tmp_path: Pat
     assert str(settings.nodes["research"]) == f"{scp.ae_title}@127.0.0.1:{scp.port}"
     assert str(settings.nodes["main"]) == f"MAINPACS@127.0.0.1:{closed_port}"
     assert settings.router.port == 11199
+    # pacsflow's own router takes several C-STOREs in flight; other nodes one at a time.
+    assert settings.nodes["router"].operations_window == 8
+    assert settings.nodes["research"].operations_window == 1
     assert settings.uploader.destinations == ["research"]
     assert (settings.sync.remote, settings.sync.local) == ("main", "research")
     assert settings.notifier.smtp.starttls and settings.notifier.smtp.port == 587

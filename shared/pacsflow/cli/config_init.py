@@ -384,6 +384,7 @@ def render_config(answers: Answers, password_file: Path | None) -> str:
         f"    ae_title: {_q(answers.ae_title)}",
         "    host: \"127.0.0.1\"",
         f"    port: {answers.router_port}",
+        "    operations_window: 8     # C-STOREs in flight: the router SCP takes several",
     ]
     for role, node in ([("local PACS", answers.local)] if answers.local else []) + [
         ("remote PACS", r) for r in answers.remotes
