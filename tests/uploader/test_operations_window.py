@@ -27,6 +27,7 @@ from pacsflow_uploader.scu import LeanStoreSession
 from pacsflow_uploader.slots import ChunkResult, Slot
 
 from tests.dicom.engine.conftest import RecordingHandler, digest_of_data_set, make_server
+from tests.dicom.engine.test_framing import _recv_exact
 from tests.dicom.synthetic import write_ct_series
 from tests.peers import OrthancProcess
 from tests.uploader.support import OPTIONS, Storescp
@@ -104,17 +105,8 @@ class TestNegotiation:
 # --- scripted peers ---------------------------------------------------------------------------
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return bytes(data)
-
-
 def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    """The next PDU's type and the whole PDU, header included."""
     header = _recv_exact(sock, 6)
     return header[0], header + _recv_exact(sock, int.from_bytes(header[2:6], "big"))
 

@@ -345,9 +345,9 @@ class LeanStoreSession:
 
     def send_many(self, files: Sequence[IdentifiedFile]) -> list[SendResult]:
         """C-STORE files in order with up to the negotiated window of requests outstanding
-        (and :data:`_IN_FLIGHT_BYTES` beyond the first); one result per file tried (in the
-        order the answers came). Fewer results than files
-        only when the association was lost: the files after the tried ones were not sent."""
+        (and :data:`_IN_FLIGHT_BYTES` beyond the first); one result per file tried, in the
+        order the answers came. Fewer results than files only when the association was lost:
+        the files after the tried ones were not sent."""
         if self._window <= 1:
             return _send_each(self, files)
         results: list[SendResult] = []

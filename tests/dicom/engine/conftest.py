@@ -80,6 +80,16 @@ def handler() -> RecordingHandler:
     return RecordingHandler()
 
 
+@pytest.fixture
+def servers() -> Iterator[list[AsyncStoreServer]]:
+    """Servers a test starts, stopped after it."""
+    started: list[AsyncStoreServer] = []
+    yield started
+    for server in started:
+        server.stop(grace=1)
+        server.listener.close()
+
+
 @pytest.fixture(params=["asyncio", "lean"])
 def engine_scp(handler: RecordingHandler, request: pytest.FixtureRequest) -> Iterator[AsyncStoreServer]:
     """Each engine's SCP (asyncio on its own loop thread, lean on its threads), on a free port."""

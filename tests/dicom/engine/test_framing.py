@@ -21,7 +21,6 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -204,16 +203,6 @@ class _AwaitingHandler(RecordingHandler):
     async def store(self, request: StoreRequest) -> int:  # type: ignore[override]
         await asyncio.sleep(0.002)
         return RecordingHandler.store(self, request)
-
-
-@pytest.fixture
-def servers() -> Iterator[list[AsyncStoreServer]]:
-    """Servers a test starts, stopped after it."""
-    started: list[AsyncStoreServer] = []
-    yield started
-    for server in started:
-        server.stop(grace=1)
-        server.listener.close()
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import random
 import socket
-from collections.abc import Iterator
 
 import pytest
 
@@ -28,15 +27,6 @@ from tests.dicom.engine.test_framing import (
 )
 
 MAX_PDU = 262144
-
-
-@pytest.fixture
-def servers() -> Iterator[list[AsyncStoreServer]]:
-    started: list[AsyncStoreServer] = []
-    yield started
-    for server in started:
-        server.stop(grace=1)
-        server.listener.close()
 
 
 def associate(port: int, window: int) -> tuple[socket.socket, pdu.AssociateAccept]:
