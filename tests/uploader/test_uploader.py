@@ -7,6 +7,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pacsflow.bus import MemoryBus
@@ -404,3 +405,40 @@ async def test_interrupted_send_found_at_the_destination_is_not_sent_again(
     assert "C-FIND" in rows[str(arrived)]
     assert rows[str(missing)] is None
     assert sorted(rig.reported("file-sent")) == sorted([str(arrived), str(missing)])
+
+
+class _WatchedQueue(DeliveryQueue):
+    """Counts how many file-ready events are being scheduled at once."""
+
+    running = 0
+    most = 0
+
+    async def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        type(self).running += 1
+        type(self).most = max(type(self).most, type(self).running)
+        try:
+            await asyncio.sleep(0.01)  # as a database under load would take
+            return await super().schedule(*args, **kwargs)
+        finally:
+            type(self).running -= 1
+
+
+async def test_file_ready_events_are_scheduled_one_after_the_other(
+    db: Database, bus: MemoryBus, tmp_path: Path, series_2000: list[Path]
+) -> None:
+    """The bus hands over several events at once; scheduled together they would share the
+    database and the first batch would wait for all of them before it could be sent."""
+    paths = series_2000[:100]
+    _WatchedQueue.most = 0
+    with Storescp(tmp_path / "pacs", fork=False) as pacs:
+        rig = UploaderRig(db, bus, settings(destinations=["pacs"], associations=1),
+                          {"pacs": pacs.node}, queue_class=_WatchedQueue)  # fmt: skip
+        await rig.collect()
+        await rig.start()
+        try:
+            await rig.announce(paths, per_event=10)
+            await wait_until(lambda: rig.settled("pacs", 100), 30, "the files")
+        finally:
+            await rig.stop()
+        assert len(pacs.files()) == 100
+    assert _WatchedQueue.most == 1

@@ -570,6 +570,10 @@ class Uploader:
         # a transaction.
         self.stopping = asyncio.Event()
         self.destinations: dict[str, _Destination] = {}
+        # file-ready events are scheduled one after the other: several at once (the bus hands
+        # over up to its prefetch) share the database, so the first batch would be claimable
+        # only when all of them were; one by one, sending starts after the first.
+        self._scheduling = asyncio.Lock()
         self._warned_unknown: set[str] = set()
         self._background: list[asyncio.Task[None]] = []
         # Set when a destination's loop fails unexpectedly: the service stops with the error.
@@ -594,9 +598,10 @@ class Uploader:
             )
         if not names or not event.payload.files:
             return
-        scheduled = await self.queue.schedule(
-            event.payload.files, names, event.payload.batch_key
-        )
+        async with self._scheduling:
+            scheduled = await self.queue.schedule(
+                event.payload.files, names, event.payload.batch_key
+            )
         # The batch key is a folder name, which may name a patient: not logged here.
         log.info(
             "%d file(s) to %s%s", len(scheduled.file_ids), ", ".join(names),
