@@ -6,7 +6,9 @@
 * :func:`run_tool` runs a DCMTK tool to its end and returns its wall time with the CPU time
   and peak RSS the kernel accounted to it (``wait4``), exact even for a process that lives
   less than one sampling interval.
-* :func:`wait_for_files` polls a receiver's folder until a number of files is there.
+* :func:`wait_for_files` polls a receiver's folder until a number of files is there;
+  :func:`filing_milestones` reads from the files' modification times when the receiver
+  finished the first, the middle and the last one.
 * :func:`verify_arrival` counts what a receiver holds and compares data sets byte for byte
   with their sources (after the file meta group, which every receiver writes itself).
 """
@@ -39,6 +41,7 @@ __all__ = [
     "ProcessFigures",
     "count_files",
     "dataset_bytes",
+    "filing_milestones",
     "free_port",
     "received_files",
     "run_tool",
@@ -340,6 +343,23 @@ def received_files(folder: Path) -> Iterator[Path]:
                 yield Path(where) / name
 
 
+def filing_times(folder: Path) -> list[float]:
+    """When the receiver finished each file (its modification time, wall clock), in order.
+
+    The kernel stamps a file's last write with a fine-grained clock, so this times each
+    file's arrival without depending on how often the benchmark polled."""
+    return sorted(path.stat().st_mtime for path in received_files(folder))
+
+
+def filing_milestones(folder: Path, started_wall: float) -> dict[str, float]:
+    """Seconds from ``started_wall`` (``time.time()``) until the first, the middle and the
+    last file were filed."""
+    times = filing_times(folder)
+    return {"first_filed_seconds": times[0] - started_wall,
+            "half_filed_seconds": times[len(times) // 2] - started_wall,
+            "last_filed_seconds": times[-1] - started_wall}  # fmt: skip
+
+
 def count_files(folder: Path) -> int:
     """How many of :func:`received_files` there are, from directory listings alone: the
     benchmark polls this while the clock runs, so it must take little of the CPU it measures."""
@@ -361,21 +381,13 @@ def count_files(folder: Path) -> int:
 
 async def wait_for_files(
     folder: Path, expected: int, timeout: float, interval: float = 0.02,
-    failed: subprocess.Popen[bytes] | None = None, milestones: dict[str, float] | None = None,
+    failed: subprocess.Popen[bytes] | None = None,
 ) -> float:
-    """Poll until ``folder`` holds ``expected`` files; the ``perf_counter`` time it did.
-
-    ``milestones`` gets the times the first file and half of them were there.
-    """
+    """Poll until ``folder`` holds ``expected`` files; the ``perf_counter`` time it did."""
     deadline = time.monotonic() + timeout
-    milestones = {} if milestones is None else milestones
     while True:
         count = await asyncio.to_thread(count_files, folder) if folder.exists() else 0
         now = time.perf_counter()
-        if count:
-            milestones.setdefault("first", now)
-        if count >= expected / 2:
-            milestones.setdefault("half", now)
         if count >= expected:
             return now
         if failed is not None and failed.poll() is not None:

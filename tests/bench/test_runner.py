@@ -7,6 +7,7 @@ services, measures, stops them and checks what arrived. No timing is asserted.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench.paths import PATHS
-from bench.support import ArrivalError, verify_arrival
+from bench.support import ArrivalError, filing_milestones, verify_arrival
 from tests.conftest import PG_ADMIN_DSN, RABBIT_URL
 from tests.dicom.synthetic import write_ct_series
 
@@ -46,6 +47,10 @@ def test_every_path_runs_and_verifies_arrival(tmp_path: Path) -> None:
         for label, figures in row["processes"].items():
             assert figures["peak_rss_mb"] > 1, (key, label)
     assert {"watcher", "uploader", "router-scp"} <= rows[("small", "e2e")]["processes"].keys()
+    for key in ("send", "uploader-rabbit"):
+        filed = rows[("small", key)]["milestones"]
+        assert 0 < filed["first_filed_seconds"] <= filed["half_filed_seconds"] <= filed[
+            "last_filed_seconds"], (key, filed)  # fmt: skip
     assert {cost["path"] for cost in summary["pipeline_cost"]} == {"uploader-rabbit", "e2e",
                                                                  "embedded"}
     markdown = result_file.with_suffix(".md").read_text()
@@ -82,3 +87,12 @@ def test_a_changed_byte_fails_verification(tmp_path: Path) -> None:
     first.write_bytes(bytes(data))
     with pytest.raises(ArrivalError, match="differs from its source"):
         verify_arrival(received, 5, sources)
+
+
+def test_filing_times_come_from_the_files_not_from_polling(tmp_path: Path) -> None:
+    _, received = _received(tmp_path)
+    (received / ".partial.dcm").write_bytes(b"being written")  # not filed yet: not counted
+    for offset, path in enumerate(sorted(received.glob("[!.]*"))):
+        os.utime(path, (1000.0 + offset, 1000.0 + offset))
+    assert filing_milestones(received, 999.5) == {
+        "first_filed_seconds": 0.5, "half_filed_seconds": 2.5, "last_filed_seconds": 4.5}

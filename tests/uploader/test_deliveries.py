@@ -18,9 +18,17 @@ from pacsflow.events import (
     ReadyFile,
     decode_event,
 )
-from pacsflow.store import Database, Ledger, PostgresDatabase, SqliteDatabase, upgrade
+from pacsflow.store import (
+    Database,
+    Ledger,
+    PostgresDatabase,
+    SeenFile,
+    SqliteDatabase,
+    upgrade,
+)
 from pacsflow_uploader.deliveries import (
     _CLAIM_POSTGRES,
+    _SCHEDULE_POSTGRES,
     _SETTLE_POSTGRES,
     DeliveryQueue,
     Settlement,
@@ -114,6 +122,24 @@ class DeliveryQueueContract:
         result = await queue.schedule([files[0], files[1], files[2], unknown], ["pacs"], "b1")
         assert len(result.file_ids) == 1
         assert (result.skipped, result.missing) == (1, 2)
+
+    async def test_a_sent_or_failed_file_scheduled_to_a_new_destination_is_ready_again(
+        self, queue: DeliveryQueue, db: Database, tmp_path: Path
+    ) -> None:
+        files = ready(make_files(tmp_path / "in", 3))
+        ids = (await queue.schedule(files, ["pacs"], "b1")).file_ids
+        claims = await queue.claim("pacs", 3)
+        await queue.settle([Settlement(claims[0], "sent", 0, attempts=1),
+                            Settlement(claims[1], "failed", 0xA900, "no", attempts=5),
+                            Settlement(claims[2], "sent", 0, attempts=1)], [])  # fmt: skip
+        ledger = Ledger(db)
+        await db.execute("UPDATE ledger_files SET status = 'archived' WHERE id = $1", ids[2])
+        # The same file twice in one event: one row, one delivery per destination.
+        again = await queue.schedule([*files, files[0]], ["pacs", "backup"], "b1")
+        assert again.file_ids == [ids[0], ids[1], ids[0]] and again.skipped == 1
+        assert [f.status for f in await ledger.get_files(ids)] == ["ready", "ready", "archived"]
+        assert [c.file_id for c in await queue.claim("backup", 5)] == ids[:2]
+        assert await queue.claim("pacs", 5) == []  # the confirmed and the failed stay so
 
     async def test_claim_takes_due_deliveries_in_order_and_only_once(
         self, queue: DeliveryQueue, db: Database, tmp_path: Path
@@ -316,12 +342,17 @@ class TestPostgresDeliveryQueue(DeliveryQueueContract):
         yield database
         await database.close()
 
-    async def test_claim_and_settle_take_one_statement_each(
+    async def test_schedule_claim_and_settle_take_one_statement_each(
         self, db: Database, clock: Clock, tmp_path: Path
     ) -> None:
         counting = CountingDatabase(db)
         queue = DeliveryQueue(counting, owner=owner_id("t"), clock=clock)  # type: ignore[arg-type]
-        await queue.schedule(ready(make_files(tmp_path / "in", 600)), ["pacs"], "b1")
+        files = ready(make_files(tmp_path / "in", 600))
+        # Recorded by the watcher beforehand, as a rule; the rest is new to the ledger.
+        await Ledger(db).record_seen([SeenFile(path=f.path, size=f.size, mtime=os.stat(
+            f.path).st_mtime, batch_key="b1") for f in files[:400]])  # fmt: skip
+        scheduled = await queue.schedule(files, ["pacs"], "b1")
+        assert len(scheduled.file_ids) == 600 and counting.calls == ["fetch"]
         counting.calls.clear()
         claims = await queue.claim("pacs", 500)
         assert len(claims) == 500 and counting.calls == ["fetch"]
@@ -336,7 +367,57 @@ class TestPostgresDeliveryQueue(DeliveryQueueContract):
         assert (counts["sent"], counts["ready"]) == (500, 100)
         assert [i for i, _ in await queue.unpublished()] == ids
 
-    async def test_claim_and_settle_read_the_ledger_by_index_without_statistics(
+    async def test_the_first_batch_finds_its_types_known(
+        self, db: Database, clock: Clock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """asyncpg asks the catalog for an array type's codec on a connection's first use of
+        it: the pool's connections learn them when they open, not in the first batch."""
+        import asyncpg.connection
+
+        asked: list[object] = []
+        learn = asyncpg.connection.Connection._introspect_types
+
+        async def spy(self: asyncpg.connection.Connection, types: object, timeout: float) -> object:
+            asked.append(types)
+            return await learn(self, types, timeout)
+
+        monkeypatch.setattr(asyncpg.connection.Connection, "_introspect_types", spy)
+        queue = DeliveryQueue(db, owner=owner_id("t"), clock=clock)
+        await queue.schedule(ready(make_files(tmp_path / "in", 5)), ["pacs"], "b1")
+        claims = await queue.claim("pacs", 5)
+        await queue.settle([Settlement(c, "sent", 0, attempts=1) for c in claims], [])
+        assert len(claims) == 5 and asked == []
+
+    async def test_a_row_another_writer_inserts_meanwhile_is_scheduled_too(
+        self, db: Database, pg_dsn: str, clock: Clock, tmp_path: Path
+    ) -> None:
+        """The watcher records a file while the uploader's statement runs: the statement
+        waits for it, finds it neither seen nor inserted, and the general path takes it."""
+        import asyncpg
+
+        files = ready(make_files(tmp_path / "in", 3))
+        queue = DeliveryQueue(db, owner=owner_id("t"), clock=clock)
+        other = await asyncpg.connect(pg_dsn)
+        try:
+            writing = other.transaction()
+            await writing.start()
+            racing = await other.fetchval(
+                "INSERT INTO ledger_files (path, size, mtime, status, created_at, updated_at)"
+                " VALUES ($1, $2, $3, 'ready', 0, 0) RETURNING id",
+                files[1].path, files[1].size, os.stat(files[1].path).st_mtime,
+            )  # fmt: skip
+            scheduling = asyncio.create_task(queue.schedule(files, ["pacs"], "b1"))
+            await asyncio.sleep(0.3)
+            assert not scheduling.done()  # waiting for the other writer's row
+            await writing.commit()
+            scheduled = await asyncio.wait_for(scheduling, 10)
+        finally:
+            await other.close()
+        assert scheduled.file_ids[1] == racing and len(set(scheduled.file_ids)) == 3
+        claims = await queue.claim("pacs", 5)
+        assert sorted(c.file_id for c in claims) == sorted(scheduled.file_ids)
+
+    async def test_schedule_claim_and_settle_read_the_ledger_by_index_without_statistics(
         self, db: Database
     ) -> None:
         """Fresh tables have no statistics: the plans must still probe by index, or every
@@ -352,7 +433,11 @@ class TestPostgresDeliveryQueue(DeliveryQueueContract):
         )
         ids = list(range(49001, 49501))
         n = len(ids)
+        paths = [f"/inbox/{i}" for i in range(49001, 49501)] + ["/inbox/new"]
+        m = len(paths)
         plans = {
+            "schedule": await explain(db, _SCHEDULE_POSTGRES, [
+                paths, [1000] * m, [1.5] * m, *[["1.2"] * m] * 5, "b1", 1e10, ["pacs"]]),
             "claim": await explain(db, _CLAIM_POSTGRES, ["me", 1e10, "pacs", 500]),
             "settle": await explain(db, _SETTLE_POSTGRES, [
                 ids, ["pacs"] * n, ["sent"] * n, [0] * n, [1] * n, [None] * n, [0.0] * n,
@@ -364,4 +449,5 @@ class TestPostgresDeliveryQueue(DeliveryQueueContract):
             assert scans, (name, plan)
             assert not [line for line in scans if "Seq Scan" in line], (name, plan)
             # nor every file of a status, through the status index
-            assert not [line for line in plan if "ledger_files_status" in line], (name, plan)
+            statuses = [line for line in plan if "ledger_files_status" in line]
+            assert not statuses, (name, "\n".join(plan))

@@ -6,9 +6,9 @@ a confirmed one is never sent again, whatever is redelivered); each destination'
 claims due pending deliveries (:meth:`~DeliveryQueue.claim` marks them ``sending`` and names
 this process as their owner) and settles them in batches (:meth:`~DeliveryQueue.settle`:
 outcomes, the next attempt's time, and the ``file-sent`` / ``file-failed`` events that report
-them, written to an outbox in the same transaction). On PostgreSQL a claim and a settlement
-are one statement each (one round trip, whatever the batch size); SQLite, in process, runs
-the same steps as a few statements in one transaction.
+them, written to an outbox in the same transaction). On PostgreSQL a schedule, a claim and a
+settlement are one statement each (one round trip, whatever the batch size); SQLite, in
+process, runs the same steps as a few statements in one transaction.
 
 At least once, and how far "twice" can reach: a process that stops between sending a file
 and settling it leaves the delivery ``sending``. :meth:`~DeliveryQueue.take_back` returns
@@ -201,6 +201,57 @@ _SETTLE_POSTGRES = (
 )
 
 
+# PostgreSQL schedules a file-ready batch in one statement (one round trip, atomic on its
+# own), doing what Ledger.record_seen(look_up_first=True) and Ledger.add_deliveries do in
+# several: find each file's row (the watcher recorded it, as a rule) by the unique index,
+# insert the rows not found, add a pending delivery per destination to every sendable file
+# (existing deliveries stay), and make a sent or failed file that got a new one ready again.
+# A row another writer inserted after this statement's snapshot is neither found nor
+# inserted: the caller sees it missing and takes the general path.
+_SCHEDULE_POSTGRES = (
+    "WITH seen AS ("
+    " SELECT * FROM unnest($1::text[], $2::bigint[], $3::float8[], $4::text[], $5::text[],"
+    "  $6::text[], $7::text[], $8::text[])"
+    "  AS s (path, size, mtime, sop_instance_uid, series_instance_uid, study_instance_uid,"
+    "  sop_class_uid, transfer_syntax_uid)),"
+    " known AS ("
+    " SELECT f.id, f.path, f.size, f.mtime, f.status FROM seen s CROSS JOIN LATERAL ("
+    "  SELECT id, path, size, mtime, status FROM ledger_files"
+    "  WHERE path = s.path AND size = s.size AND mtime = s.mtime OFFSET 0) f),"
+    " inserted AS ("
+    " INSERT INTO ledger_files (path, size, mtime, sop_instance_uid, series_instance_uid,"
+    " study_instance_uid, sop_class_uid, transfer_syntax_uid, batch_key, status, created_at,"
+    " updated_at)"
+    " SELECT s.path, s.size, s.mtime, s.sop_instance_uid, s.series_instance_uid,"
+    " s.study_instance_uid, s.sop_class_uid, s.transfer_syntax_uid, $9, 'ready', $10, $10"
+    " FROM seen s WHERE NOT EXISTS ("
+    "  SELECT 1 FROM known k WHERE k.path = s.path AND k.size = s.size AND k.mtime = s.mtime)"
+    # In key order, as the ledger inserts: two writers lock rows in the same order.
+    " ORDER BY s.path, s.size, s.mtime"
+    " ON CONFLICT (path, size, mtime) DO NOTHING"
+    " RETURNING id, path, size, mtime, status),"
+    " files AS (SELECT * FROM known UNION ALL SELECT * FROM inserted),"
+    " added AS ("
+    " INSERT INTO ledger_deliveries (file_id, destination, status, attempts, created_at,"
+    " updated_at)"
+    " SELECT f.id, d, 'pending', 0, $10, $10 FROM files f CROSS JOIN unnest($11::text[]) AS d"
+    f" WHERE f.status NOT IN ({', '.join(repr(s) for s in sorted(_NOT_SENDABLE))})"
+    " ORDER BY f.id, d"
+    " ON CONFLICT (file_id, destination) DO NOTHING"
+    " RETURNING file_id),"
+    # Pending means ready, and sending wins over it: only a sent or failed file changes. Its
+    # status is checked again on the row found by id (archived meanwhile: left alone), as
+    # "status || ''" so that the planner never reads the status index, which lists every
+    # sent file, for it.
+    " reopened AS ("
+    " UPDATE ledger_files SET status = 'ready', updated_at = $10"
+    " WHERE id = ANY (ARRAY(SELECT k.id FROM known k WHERE k.status IN ('sent', 'failed')"
+    "  AND k.id IN (SELECT file_id FROM added)))"
+    " AND status || '' IN ('sent', 'failed'))"
+    " SELECT id, path, size, mtime, status FROM files"
+)
+
+
 def _claim(destination: str, delivery: Any, file: Any) -> Claim:
     return Claim(
         file_id=int(delivery["file_id"]) if "file_id" in delivery else int(file["id"]),
@@ -251,24 +302,30 @@ class DeliveryQueue:
         stats = await asyncio.to_thread(_stat_all, [f.path for f in files])
         present = [(f, st) for f, st in zip(files, stats, strict=True) if st is not None]
         gone = [f.path for f, st in zip(files, stats, strict=True) if st is None]
-        recorded = await self.ledger.record_seen(
-            [
-                SeenFile(
-                    path=f.path, size=st[0], mtime=st[1],
-                    sop_instance_uid=f.sop_instance_uid,
-                    series_instance_uid=f.series_instance_uid,
-                    study_instance_uid=f.study_instance_uid,
-                    sop_class_uid=f.sop_class_uid,
-                    transfer_syntax_uid=f.transfer_syntax_uid,
-                    batch_key=batch_key,
-                )
-                for f, st in present
-            ],
+        seen = [
+            SeenFile(
+                path=f.path, size=st[0], mtime=st[1],
+                sop_instance_uid=f.sop_instance_uid,
+                series_instance_uid=f.series_instance_uid,
+                study_instance_uid=f.study_instance_uid,
+                sop_class_uid=f.sop_class_uid,
+                transfer_syntax_uid=f.transfer_syntax_uid,
+                batch_key=batch_key,
+            )
+            for f, st in present
+        ]  # fmt: skip
+        statuses = None
+        if self._db.dialect == "postgres" and seen:
+            statuses = await self._schedule_postgres(seen, destinations, batch_key)
+        scheduled_ids: set[int] = set()  # their deliveries exist already
+        if statuses is None:
             # The watcher recorded them before it announced them, as a rule.
-            look_up_first=True,
-        )  # fmt: skip
-        ids = [r.id for r in recorded if r.status not in _NOT_SENDABLE]
-        skipped = len(recorded) - len(ids)
+            recorded = await self.ledger.record_seen(seen, look_up_first=True)
+            statuses = [(r.id, r.status) for r in recorded]
+        else:
+            scheduled_ids = {file_id for file_id, _ in statuses}
+        ids = [file_id for file_id, status in statuses if status not in _NOT_SENDABLE]
+        skipped = len(statuses) - len(ids)
         missing = 0
         if gone:
             # Gone from disk: sent and archived already (a redelivered event), or removed.
@@ -282,8 +339,29 @@ class DeliveryQueue:
                     skipped += 1
                 else:
                     ids.append(row["id"])
-        await self.ledger.add_deliveries(ids, destinations)
+        await self.ledger.add_deliveries([i for i in ids if i not in scheduled_ids], destinations)
         return Scheduled(ids, skipped, missing)
+
+    async def _schedule_postgres(
+        self, seen: Sequence[SeenFile], destinations: Sequence[str], batch_key: str | None
+    ) -> list[tuple[int, str]] | None:
+        """Each file's (id, status) in order, its deliveries added, in one statement; None
+        when a row came in from another writer meanwhile (the general path sorts it out)."""
+        unique = list({(f.path, f.size, f.mtime): f for f in seen}.values())
+        rows = await self._db.fetch(
+            _SCHEDULE_POSTGRES,
+            [f.path for f in unique], [f.size for f in unique], [f.mtime for f in unique],
+            [f.sop_instance_uid for f in unique], [f.series_instance_uid for f in unique],
+            [f.study_instance_uid for f in unique], [f.sop_class_uid for f in unique],
+            [f.transfer_syntax_uid for f in unique], batch_key, self._clock(),
+            list(dict.fromkeys(destinations)),
+        )  # fmt: skip
+        found = {(row["path"], row["size"], row["mtime"]): (row["id"], row["status"])
+                 for row in rows}  # fmt: skip
+        try:
+            return [found[(f.path, f.size, f.mtime)] for f in seen]
+        except KeyError:
+            return None
 
     async def _latest_rows(self, paths: Sequence[str]) -> dict[str, Any]:
         found: dict[str, Any] = {}

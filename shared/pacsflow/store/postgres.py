@@ -134,6 +134,17 @@ async def _keep_session(_connection: _Connection) -> None:
     on every release, would buy nothing."""
 
 
+# Array types pacsflow's statements bind (one statement per batch, whatever its size).
+# asyncpg learns an array type's codec per connection, with a catalog query, the first time
+# a statement uses it: asked when the connection opens, so that the first batch does not
+# pay it (several milliseconds, on every connection of the pool) on its way to the PACS.
+_ARRAY_TYPES = "SELECT NULL::bigint[], NULL::int[], NULL::float8[], NULL::text[]"
+
+
+async def _learn_array_types(connection: asyncpg.Connection[asyncpg.Record]) -> None:
+    await connection.fetchrow(_ARRAY_TYPES)
+
+
 class PostgresDatabase(_Queries):
     """The state store in PostgreSQL, through a pool of connections."""
 
@@ -159,6 +170,7 @@ class PostgresDatabase(_Queries):
                 min_size=min(pool_size, 4),
                 max_size=pool_size,
                 reset=_keep_session,
+                init=_learn_array_types,
                 command_timeout=command_timeout,
                 timeout=connect_timeout,
                 server_settings={
