@@ -404,6 +404,8 @@ async def send_to_router(target: Target, data: BenchData) -> RunResult:
             [("router", Node(ae_title=ROUTER_AE, host="127.0.0.1", port=port,
                              operations_window=setup.operations_window))], options,
             associations=setup.associations, processes=setup.sender_processes, pool=pool,
+            # As many associations as the uploader opens, however short the run.
+            extra_after=0.0,
         )  # fmt: skip
         seconds = time.perf_counter() - started
         figures = target.monitor.end_window()
@@ -726,8 +728,9 @@ PATHS: dict[str, PathSpec] = {spec.key: spec for spec in [
              "storescu's run, start to exit; the router answers each C-STORE once the file is "
              "on disk", "dcmtk", storescu_to_router),
     PathSpec("send", "pacsflow send → router-scp (bare transfer)",
-             "the uploader's sender pool (pacsflow send's path, no ledger, no events), from "
-             f"the first C-STORE {_FILED}", "dcmtk", send_to_router),
+             "the uploader's sender pool (pacsflow send's path, no ledger, no events; its "
+             "associations added one by one as the uploader adds them), from the first "
+             f"C-STORE {_FILED}", "dcmtk", send_to_router),
     PathSpec("uploader-rabbit", "file-ready → uploader → router-scp (RabbitMQ + PostgreSQL)",
              "the uploader and router-scp processes, no watcher: the files are in the ledger "
              f"beforehand (not timed); from publishing their file-ready events {_FILED}",

@@ -88,3 +88,31 @@ def test_terminal_gets_a_progress_bar(folder: Path, tmp_path: Path) -> None:
     assert code == 0
     assert "━" in text and "200/200" in text
     assert "pacs: 200 sent, 0 warnings, 0 failed, 0 invalid" in text
+
+
+@pytest.mark.parametrize(("extra_after", "associations"), [(5.0, 1), (0.0, 3)])
+async def test_extra_associations_only_when_the_work_left_outlasts_the_threshold(
+    tmp_path: Path, extra_after: float, associations: int
+) -> None:
+    """A short job stays on one association by default (a PACS that serves one at a time
+    would leave a second request unanswered for seconds); with no threshold every
+    association asked for is added, one after the other, as the uploader adds them."""
+    from pacsflow.config import Node
+    from pacsflow_uploader.send import send_files
+
+    from tests.dicom.engine.conftest import RecordingHandler, make_server
+
+    paths = write_ct_series(tmp_path / "ct", 300)
+    handler = RecordingHandler()
+    server = make_server(handler).start()
+    try:
+        node = Node(ae_title="ENGINE", host="127.0.0.1", port=server.port)
+        (summary,) = await send_files([str(p) for p in paths], [("engine", node)], OPTIONS,
+                                      associations=3, processes=1, chunk_size=10,
+                                      extra_after=extra_after)  # fmt: skip
+    finally:
+        server.stop(grace=1)
+        server.listener.close()
+    assert summary.sent == 300 and handler.stores == 300
+    # each one released at the end, none aborted
+    assert handler.outcomes == {("accepted", ""): associations, ("released", ""): associations}

@@ -122,10 +122,14 @@ async def send_files(
     chunk_size: int = 32,
     progress: Callable[[str, SendResult], None] | None = None,
     pool: SenderPool | None = None,
+    extra_after: float = EXTRA_ACSE_TIMEOUT,
 ) -> list[SendSummary]:
     """Send ``files`` to each destination over ``associations`` associations; the summaries.
 
     A ``pool`` given is used as it is and left open (benchmarks start it beforehand).
+    Associations are added one at a time, each once the previous one worked, while the work
+    left would take longer than ``extra_after`` seconds over the ones open (0: up to
+    ``associations`` whatever is left, as the uploader does).
     """
     own = pool is None
     if pool is None:
@@ -135,7 +139,8 @@ async def send_files(
         return list(
             await asyncio.gather(
                 *(
-                    _send_to(pool, name, node, files, associations, chunk_size, progress)
+                    _send_to(pool, name, node, files, associations, chunk_size, progress,
+                             extra_after)
                     for name, node in destinations
                 )
             )
@@ -153,6 +158,7 @@ async def _send_to(
     associations: int,
     chunk_size: int,
     progress: Callable[[str, SendResult], None] | None,
+    extra_after: float,
 ) -> SendSummary:
     summary = SendSummary(name, len(files))
     started = time.perf_counter()
@@ -197,7 +203,7 @@ async def _send_to(
                 left = sum(len(chunk) for chunk in work)
                 timed = [r.seconds for r in outcome.results if r.attempted]
                 per_file = sum(timed) / len(timed)
-                if slot + 1 < associations and left * per_file > EXTRA_ACSE_TIMEOUT:
+                if slot + 1 < associations and left * per_file > extra_after:
                     free.append(slot + 1)
             free.append(slot)
     summary.seconds = time.perf_counter() - started
