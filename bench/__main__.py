@@ -208,7 +208,7 @@ def _summary(args: argparse.Namespace, datasets: dict[str, BenchData],
                 "processes": measured.processes(),
                 "verified": measured.runs[-1].verified,
                 "milestones": {name: round(statistics.median(run.milestones[name]
-                                                             for run in measured.runs), 3)
+                                                             for run in measured.runs), 4)
                                for name in measured.runs[-1].milestones},
             })  # fmt: skip
         bare = by_path.get("send")

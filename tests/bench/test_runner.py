@@ -49,8 +49,10 @@ def test_every_path_runs_and_verifies_arrival(tmp_path: Path) -> None:
     assert {"watcher", "uploader", "router-scp"} <= rows[("small", "e2e")]["processes"].keys()
     for key in ("send", "uploader-rabbit"):
         filed = rows[("small", key)]["milestones"]
-        assert 0 < filed["first_filed_seconds"] <= filed["half_filed_seconds"] <= filed[
+        # The first file of a warm bare transfer may be filed within half a millisecond.
+        assert 0 <= filed["first_filed_seconds"] <= filed["half_filed_seconds"] <= filed[
             "last_filed_seconds"], (key, filed)  # fmt: skip
+        assert filed["last_filed_seconds"] > 0, (key, filed)
     assert {cost["path"] for cost in summary["pipeline_cost"]} == {"uploader-rabbit", "e2e",
                                                                  "embedded"}
     markdown = result_file.with_suffix(".md").read_text()
