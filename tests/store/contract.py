@@ -432,9 +432,10 @@ class MigrationContract(StoreCase):
 
     async def test_core_migrations_apply_once_and_are_recorded(self, db: Database) -> None:
         core = [("core", 1, "ledger"), ("core", 2, "ledger_announced"),
-                ("core", 3, "ledger_announcing")]
+                ("core", 3, "ledger_announcing"), ("core", 4, "ledger_sending_read")]
         assert [str(m) for m in await pending(db, ["core"])] == [
-            "core 0001_ledger", "core 0002_ledger_announced", "core 0003_ledger_announcing"]
+            "core 0001_ledger", "core 0002_ledger_announced", "core 0003_ledger_announcing",
+            "core 0004_ledger_sending_read"]
         first = await upgrade(db, ["core"])
         assert [(m.component, m.version, m.name) for m in first] == core
         assert first[0].filename == f"0001_ledger.{db.dialect}.sql"
@@ -462,7 +463,8 @@ class MigrationContract(StoreCase):
         packages = {"core": "pacsflow.store.migrations", "ghost": "pf_no_such_package.migrations"}
         assert {m.component for m in discover(db.dialect, packages=packages)} == {"core"}
         assert [str(m) for m in await upgrade(db, packages=packages)] == [
-            "core 0001_ledger", "core 0002_ledger_announced", "core 0003_ledger_announcing"]
+            "core 0001_ledger", "core 0002_ledger_announced", "core 0003_ledger_announcing",
+            "core 0004_ledger_sending_read"]
 
     async def test_failed_migration_is_rolled_back_and_not_recorded(
         self, db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -748,6 +750,10 @@ class LedgerContract(StoreCase):
         assert [(b["id"], b["file_ids"]) for b in batches] == [
             (kept.batch_id, f"[{kept.rows[0].id}]")]
         assert await ledger.prune_announcing() == 1
+        # Being sent (stored as ready): the uploader has it, so it no longer waits either.
+        await ledger.record_outcomes([Outcome(kept.rows[0].id, "pacs", "sending")])
+        assert await ledger.prune_announcing() == 0
+        assert await ledger._db.fetchval("SELECT count(*) FROM ledger_announcing") == 0  # noqa: SLF001
 
     async def test_status_tells_what_a_known_file_still_needs(self, ledger: Ledger) -> None:
         [rec] = await ledger.record_seen([seen("a")])
@@ -941,6 +947,49 @@ class LedgerContract(StoreCase):
         listed = await ledger.list_files(status="ready", since=150.0)
         assert [f.path for f in listed] == ["/inbox/l2", "/inbox/l3"]
         assert [f.path for f in await ledger.list_files(since=250.0)] == ["/inbox/e1"]
+
+    async def test_a_ready_file_reads_as_sending_while_a_delivery_is_sent(
+        self, ledger: Ledger, db: Database, clock: FakeClock
+    ) -> None:
+        clock.now = 100.0
+        waiting, sending, both = (
+            r.id for r in await ledger.record_seen([seen(n) for n in ("w", "s", "b")])
+        )
+        await ledger.add_deliveries([waiting, sending, both], ["pacs", "backup"])
+        await db.execute(
+            "UPDATE ledger_deliveries SET status = 'sending'"
+            " WHERE (file_id = $1 OR (file_id = $2 AND destination = 'pacs'))",
+            sending, both,
+        )  # fmt: skip
+        # Stored as ready; read as sending by every way in.
+        stored = await db.fetch("SELECT id, status FROM ledger_files ORDER BY id")
+        assert {r["status"] for r in stored} == {"ready"}
+        statuses = {f.id: f.status for f in await ledger.get_files([waiting, sending, both])}
+        assert statuses == {waiting: "ready", sending: "sending", both: "sending"}
+        counts = await ledger.count_by_status()
+        assert (counts["ready"], counts["sending"]) == (1, 2)
+        assert [f.id for f in await ledger.list_files(status="sending")] == sorted([sending, both])
+        assert [f.id for f in await ledger.list_files(status="ready")] == [waiting]
+        assert await ledger.count_files(status=["ready", "sending"]) == 3
+        assert await ledger.count_files(status=["sending", "invalid"]) == 2
+        # The last delivery being sent ends: the file reads as ready again, or its outcome.
+        await ledger.record_outcomes([Outcome(both, "pacs", "sent", 0)])
+        await ledger.record_outcomes(
+            [Outcome(sending, "pacs", "sent", 0), Outcome(sending, "backup", "sent", 0)]
+        )
+        statuses = {f.id: f.status for f in await ledger.get_files([sending, both])}
+        assert statuses == {sending: "sent", both: "ready"}
+
+    async def test_a_file_stored_as_sending_by_an_earlier_version_becomes_ready(
+        self, ledger: Ledger, db: Database
+    ) -> None:
+        await db.execute("DELETE FROM schema_migrations WHERE component = 'core' AND version = 4")
+        await db.execute(
+            "INSERT INTO ledger_files (path, size, mtime, status, created_at, updated_at)"
+            " VALUES ('/inbox/old', 1, 1.0, 'sending', 1.0, 1.0)"
+        )
+        assert [str(m) for m in await upgrade(db, ["core"])] == ["core 0004_ledger_sending_read"]
+        assert await db.fetchval("SELECT status FROM ledger_files") == "ready"
 
     async def test_listing_pages_through_every_file_once(
         self, ledger: Ledger, clock: FakeClock

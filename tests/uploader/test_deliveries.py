@@ -154,6 +154,20 @@ class DeliveryQueueContract:
         counts = await Ledger(db).count_by_status()
         assert counts["sending"] == 5
 
+    async def test_claiming_rewrites_no_file_row(
+        self, queue: DeliveryQueue, db: Database, clock: Clock, tmp_path: Path
+    ) -> None:
+        await queue.schedule(ready(make_files(tmp_path / "in", 3)), ["pacs"], "b1")
+        before = [tuple(r) for r in await db.fetch("SELECT * FROM ledger_files ORDER BY id")]
+        clock.now += 10
+        claims = await queue.claim("pacs", 3)
+        after = [tuple(r) for r in await db.fetch("SELECT * FROM ledger_files ORDER BY id")]
+        assert after == before
+        ids = [c.file_id for c in claims]
+        assert [f.status for f in await Ledger(db).get_files(ids)] == ["sending"] * 3
+        await queue.settle([Settlement(c, "sent", 0, attempts=1) for c in claims], [])
+        assert [f.status for f in await Ledger(db).get_files(ids)] == ["sent"] * 3
+
     async def test_two_claimers_never_get_the_same_delivery(
         self, db: Database, clock: Clock, tmp_path: Path
     ) -> None:

@@ -134,8 +134,8 @@ class Scheduled:
     missing: int
 
 
-# PostgreSQL claims in one statement (one round trip): the deliveries, their files' status
-# (the ledger's rule: a file with a delivery being sent is "sending") and what the sender needs.
+# PostgreSQL claims in one statement (one round trip): the deliveries and what the sender
+# needs. The files' rows stay as they are (a ready file reads as sending meanwhile).
 _CLAIM_POSTGRES = (
     "WITH claimed AS ("
     " UPDATE ledger_deliveries SET status = 'sending', claimed_by = $1, claimed_at = $2,"
@@ -144,10 +144,7 @@ _CLAIM_POSTGRES = (
     "  SELECT file_id FROM ledger_deliveries"
     "  WHERE destination = $3 AND status = 'pending' AND next_attempt_at <= $2"
     "  ORDER BY file_id LIMIT $4 FOR UPDATE SKIP LOCKED)"
-    " RETURNING file_id, attempts, in_doubt, created_at, dimse_status, last_error),"
-    " marked AS ("
-    " UPDATE ledger_files SET status = 'sending', updated_at = $2"
-    " WHERE id IN (SELECT file_id FROM claimed) AND status IN ('ready', 'sent', 'failed'))"
+    " RETURNING file_id, attempts, in_doubt, created_at, dimse_status, last_error)"
     " SELECT c.file_id, c.attempts, c.in_doubt, c.created_at, c.dimse_status, c.last_error,"
     f" {', '.join('f.' + c.strip() for c in _FILE_COLUMNS.split(','))}"
     " FROM claimed c JOIN ledger_files f ON f.id = c.file_id ORDER BY c.file_id"
@@ -186,13 +183,14 @@ _SETTLE_POSTGRES = (
     " refreshed AS ("
     " UPDATE ledger_files f SET status = s.status, updated_at = $9"
     " FROM (SELECT file_id, CASE"
-    "  WHEN count(*) FILTER (WHERE status = 'sending') > 0 THEN 'sending'"
-    "  WHEN count(*) FILTER (WHERE status = 'pending') > 0 THEN 'ready'"
+    "  WHEN count(*) FILTER (WHERE status IN ('pending', 'sending')) > 0 THEN 'ready'"
     "  WHEN count(*) FILTER (WHERE status IN ('sent', 'warning')) < count(*) THEN 'failed'"
     "  ELSE 'sent' END AS status"
     "  FROM statuses GROUP BY file_id) s"
     " WHERE f.id = ANY (ARRAY(SELECT file_id FROM files)) AND f.id = s.file_id"
-    " AND f.status IN ('ready', 'sending', 'sent', 'failed')),"
+    # Written as "not one of the others" (ready, sent or failed), so that the planner
+    # neither reads the status index for it nor takes it for a rare match.
+    " AND f.status NOT IN ('invalid', 'duplicate', 'archived')),"
     " outbox AS ("
     " INSERT INTO uploader_outbox (event, created_at)"
     " SELECT body, $9 FROM unnest($10::text[]) WITH ORDINALITY AS e (body, n) ORDER BY n"
@@ -239,7 +237,7 @@ _SCHEDULE_POSTGRES = (
     " ORDER BY f.id, d"
     " ON CONFLICT (file_id, destination) DO NOTHING"
     " RETURNING file_id),"
-    # Pending means ready, and sending wins over it: only a sent or failed file changes. Its
+    # A new pending delivery leaves a ready file as it is: only a sent or failed one changes. Its
     # status is checked again on the row found by id (archived meanwhile: left alone), as
     # "status || ''" so that the planner never reads the status index, which lists every
     # sent file, for it.
@@ -414,13 +412,6 @@ class DeliveryQueue:
                     *chunk,
                 ):
                     files[row["id"]] = row
-                # The ledger's rule: a file with a delivery being sent is "sending".
-                await tx.execute(
-                    "UPDATE ledger_files SET status = 'sending', updated_at = $1"
-                    f" WHERE id IN ({_placeholders(len(chunk), 2)})"
-                    " AND status IN ('ready', 'sent', 'failed')",
-                    now, *chunk,
-                )  # fmt: skip
         return [_claim(destination, by_id[file_id], files[file_id]) for file_id in ids]
 
     async def settle(self, settlements: Sequence[Settlement], events: Sequence[Event]) -> list[int]:
