@@ -12,6 +12,7 @@ from pacsflow_uploader.files import FileJob
 from pacsflow_uploader.pool import SenderPool
 
 from tests.dicom.synthetic import write_ct_series
+from tests.peers import free_port
 from tests.uploader.support import OPTIONS, Storescp
 
 pytestmark = pytest.mark.dcmtk
@@ -67,3 +68,40 @@ async def test_a_killed_sender_process_leaves_its_chunk_in_doubt_and_is_replaced
     assert {(r.category, r.transmitted) for r in lost.results} == {("error", True)}
     assert "sender process ended" in (lost.results[0].error or "")
     assert [r.category for r in after.results] == ["success"] * 2
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+async def test_an_association_opened_ahead_carries_the_first_chunk(
+    tmp_path: Path, processes: int
+) -> None:
+    from pacsflow.config import Node
+    from pacsflow.dicom import read_part10
+
+    from tests.dicom.engine.conftest import RecordingHandler, make_server
+
+    paths = write_ct_series(tmp_path / "ct", 5)
+    first = read_part10(paths[0])
+    presentations = [(first.sop_class_uid, first.transfer_syntax_uid)]
+    handler = RecordingHandler()
+    server = make_server(handler).start()
+    pool = SenderPool(OPTIONS, processes=processes)
+    try:
+        node = Node(ae_title="ENGINE", host="127.0.0.1", port=server.port)
+        ahead = await pool.associate(("engine", 0), node, presentations)
+        assert handler.wait_outcome("accepted", "")
+        again = await pool.associate(("engine", 0), node, presentations)
+        chunk = await pool.run(("engine", 0), node, jobs(paths))
+        # Nobody answers here: the error comes back as the result, never raised.
+        closed = Node(ae_title="ENGINE", host="127.0.0.1", port=free_port())
+        refused = await pool.associate(("closed", 0), closed, presentations)
+    finally:
+        await pool.close()
+        server.stop(grace=1)
+        server.listener.close()
+    assert (ahead.associations_opened, ahead.association_open, ahead.results) == (1, True, [])
+    assert (again.associations_opened, again.association_open) == (0, True)
+    assert chunk.associations_opened == 0
+    assert [r.category for r in chunk.results] == ["success"] * 5 and handler.stores == 5
+    assert handler.outcomes == {("accepted", ""): 1, ("released", ""): 1}
+    assert refused.association_open is False
+    assert "cannot connect" in (refused.association_error or "")

@@ -444,3 +444,49 @@ async def test_file_ready_events_are_scheduled_one_after_the_other(
             await rig.stop()
         assert len(pacs.files()) == 100
     assert _WatchedQueue.most == 1
+
+
+class _HeldQueue(DeliveryQueue):
+    """Schedules nothing until the test lets it (a slow database)."""
+
+    released: asyncio.Event
+
+    async def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        await type(self).released.wait()
+        return await super().schedule(*args, **kwargs)
+
+
+async def test_an_idle_destination_associates_while_the_work_is_scheduled(
+    db: Database, bus: MemoryBus, tmp_path: Path, series_2000: list[Path]
+) -> None:
+    """The first chunk of a batch finds its association open: it was asked for when the
+    file-ready event came, not after the files were scheduled and claimed."""
+    from tests.dicom.engine.conftest import RecordingHandler, make_server
+
+    paths = series_2000[:5]
+    _HeldQueue.released = asyncio.Event()
+    handler = RecordingHandler()
+    server = make_server(handler).start()
+    node = Node(ae_title="ENGINE", host="127.0.0.1", port=server.port)
+    rig = UploaderRig(db, bus, settings(destinations=["engine"], associations=1, processes=1),
+                      {"engine": node}, queue_class=_HeldQueue)  # fmt: skip
+    try:
+        await rig.collect()
+        await rig.start()
+        try:
+            await rig.announce(paths)
+            # Not one file scheduled yet, and the association is there.
+            assert await asyncio.to_thread(handler.wait_outcome, "accepted", "", 10.0)
+            assert handler.stores == 0
+            _HeldQueue.released.set()
+            await wait_until(lambda: rig.settled("engine", 5), 30, "the files")
+        finally:
+            await rig.stop()
+    finally:
+        server.stop(grace=1)
+        server.listener.close()
+    assert handler.stores == 5
+    # The chunk went over the association opened ahead: one in all, released at the end.
+    assert handler.outcomes == {("accepted", ""): 1, ("released", ""): 1}
+    assert sample(rig.registry, "pacsflow_uploader_association_failures_total",
+                  destination="engine") == 0

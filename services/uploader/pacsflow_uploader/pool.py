@@ -64,6 +64,19 @@ class _SlotSettings:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class _Associate:
+    """Work for a slot that is no files: open its association for these presentations."""
+
+    presentations: tuple[tuple[str, str], ...]
+
+
+def _run(slot: Slot, work: list[FileJob] | _Associate) -> ChunkResult:
+    if isinstance(work, _Associate):
+        return slot.associate(work.presentations)
+    return slot.run(work)
+
+
 def _lost(jobs: Sequence[FileJob], error: str) -> ChunkResult:
     # Nobody knows how far the chunk got: every file is in doubt.
     return ChunkResult(
@@ -79,7 +92,7 @@ class _WorkerSlot:
 
     def __init__(self, slot: Slot, reply: Any) -> None:
         self.slot = slot
-        self.queue: queue.Queue[tuple[int, list[FileJob]] | None] = queue.Queue()
+        self.queue: queue.Queue[tuple[int, list[FileJob] | _Associate] | None] = queue.Queue()
         self._reply = reply
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -95,9 +108,9 @@ class _WorkerSlot:
             if item is None:
                 self.slot.close()
                 return
-            request_id, jobs = item
+            request_id, work = item
             try:
-                outcome: tuple[Any, ...] = ("done", request_id, self.slot.run(jobs))
+                outcome: tuple[Any, ...] = ("done", request_id, _run(self.slot, work))
             except Exception as err:
                 log.exception("sender slot for %s failed", self.slot.node)
                 outcome = ("crashed", request_id, f"{type(err).__name__}: {err}")
@@ -142,13 +155,13 @@ def _worker_main(
             os._exit(0)
         if message is None:
             break
-        request_id, key, node, jobs = message
+        request_id, key, node, work = message
         entry = slots.get(key)
         if entry is None or entry.slot.node != node:
             if entry is not None:
                 entry.queue.put(None)
             entry = slots[key] = _WorkerSlot(settings.slot(key, node), reply)
-        entry.queue.put((request_id, jobs))
+        entry.queue.put((request_id, work))
     for entry in slots.values():
         entry.queue.put(None)
     for entry in slots.values():
@@ -170,6 +183,7 @@ class _ProcessWorker:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._pending: dict[int, tuple[asyncio.Future[ChunkResult], list[FileJob]]] = {}
+        # (an association request's entry has no files: nothing of it is lost)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send_lock = threading.Lock()
         self.ready: asyncio.Future[None] | None = None
@@ -201,7 +215,7 @@ class _ProcessWorker:
         ).start()  # fmt: skip
 
     def submit(
-        self, request_id: int, key: SlotKey, node: Node, jobs: list[FileJob]
+        self, request_id: int, key: SlotKey, node: Node, work: list[FileJob] | _Associate
     ) -> asyncio.Future[ChunkResult]:
         loop = asyncio.get_running_loop()
         if not self.alive:
@@ -209,11 +223,12 @@ class _ProcessWorker:
                 log.warning("sender process %d ended; starting a new one", self.index)
             self.start(loop)
         future: asyncio.Future[ChunkResult] = loop.create_future()
+        jobs = [] if isinstance(work, _Associate) else work
         self._pending[request_id] = (future, jobs)
         assert self._conn is not None
         try:
             with self._send_lock:
-                self._conn.send((request_id, key, node, jobs))
+                self._conn.send((request_id, key, node, work))
         except OSError as err:
             self._pending.pop(request_id, None)
             future.set_result(_lost(jobs, f"sender process unreachable: {err}"))
@@ -330,20 +345,33 @@ class SenderPool:
 
     async def run(self, key: SlotKey, node: Node, jobs: list[FileJob]) -> ChunkResult:
         """Send ``jobs`` over slot ``key``'s association to ``node``."""
-        if not self._started:
-            await self.start()
         if not jobs:
             return ChunkResult([])
+        return await self._submit(key, node, jobs)
+
+    async def associate(
+        self, key: SlotKey, node: Node, presentations: Sequence[tuple[str, str]]
+    ) -> ChunkResult:
+        """Open slot ``key``'s association to ``node`` for ``presentations`` ahead of its
+        first chunk (an open one that carries them stays); no files, no results."""
+        return await self._submit(key, node, _Associate(tuple(dict.fromkeys(presentations))))
+
+    async def _submit(
+        self, key: SlotKey, node: Node, work: list[FileJob] | _Associate
+    ) -> ChunkResult:
+        if not self._started:
+            await self.start()
+        jobs = [] if isinstance(work, _Associate) else work
         if self._workers:
             worker = self._assignment.get(key)
             if worker is None:
                 worker = self._workers[len(self._assignment) % len(self._workers)]
                 self._assignment[key] = worker
-            return await worker.submit(next(self._ids), key, node, jobs)
+            return await worker.submit(next(self._ids), key, node, work)
         slot, executor = self._local_slot(key, node)
         loop = asyncio.get_running_loop()
         try:
-            return await asyncio.shield(loop.run_in_executor(executor, slot.run, jobs))
+            return await asyncio.shield(loop.run_in_executor(executor, _run, slot, work))
         except RuntimeError as err:  # the executor was shut down by close()
             return _lost(jobs, str(err))
 

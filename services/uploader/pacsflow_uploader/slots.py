@@ -154,6 +154,17 @@ class Slot:
         self._last_used = time.monotonic()
         return ChunkResult(results, None, opened, self.association_open)
 
+    def associate(self, presentations: Sequence[tuple[str, str]]) -> ChunkResult:
+        """Have an association proposing ``presentations`` open before there is work for it
+        (the first chunk of a batch then starts sending at once); no files."""
+        with self._lock:
+            try:
+                opened = self._ensure_session(list(presentations)[: self.max_contexts])
+            except AssociationRejected as err:
+                return ChunkResult([], str(err), 0, False)
+            self._last_used = time.monotonic()
+            return ChunkResult([], None, opened, self.association_open)
+
     def _ensure_session(self, needed: list[tuple[str, str]]) -> int:
         """Have an open association proposing ``needed``; 1 when one was opened."""
         session = self._session

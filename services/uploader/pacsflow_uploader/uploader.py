@@ -3,7 +3,8 @@
 How work flows (see :mod:`.deliveries` for the ledger side):
 
 1. ``file-ready`` adds a pending delivery per file and destination, then is acknowledged; the
-   event is not held while files are sent.
+   event is not held while files are sent. A destination that is idle without an open
+   association starts associating at once, so the first chunk finds it open.
 2. Each destination has a sender loop. While the load gate is open and the destination's
    breaker is closed, it claims due pending deliveries ahead, in batches (one statement on
    PostgreSQL), into a buffer that holds the free places' chunks plus one chunk per
@@ -61,7 +62,7 @@ from pacsflow_uploader.deliveries import Claim, DeliveryQueue, Settlement
 from pacsflow_uploader.files import FileJob
 from pacsflow_uploader.metrics import UploaderMetrics
 from pacsflow_uploader.pool import SenderPool
-from pacsflow_uploader.scu import SendResult
+from pacsflow_uploader.scu import MAX_CONTEXTS, SendResult
 from pacsflow_uploader.slots import ChunkResult
 
 __all__ = ["Uploader", "default_associations", "default_processes"]
@@ -131,6 +132,7 @@ class _Destination:
         # Slots whose association answered since the ramp (re)started.
         self.proven: set[int] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self._associating = False
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -140,6 +142,34 @@ class _Destination:
         self._store_seconds = metrics.store_seconds.labels(destination=name)
         self._delivery_seconds = metrics.delivery_seconds.labels(destination=name)
         self._counted: dict[str, tuple[Counter, Counter]] = {}
+
+    def associate_ahead(self, presentations: Sequence[tuple[str, str]]) -> None:
+        """Open the first association while new work is scheduled and claimed, when the
+        destination is idle without one: its first chunk then starts sending at once."""
+        recent = time.monotonic() - self.last_used[0] < self.up.settings.idle_release_seconds
+        if (
+            self.buffer or self.in_flight or (self.open[0] and recent) or self._associating
+            or not self._may_send()
+        ):  # fmt: skip
+            return
+        self._associating = True
+        task = asyncio.create_task(self._associate(presentations), name=f"associate-{self.name}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self.up._send_ended)
+
+    async def _associate(self, presentations: Sequence[tuple[str, str]]) -> None:
+        try:
+            result = await self.up.pool.associate((self.name, 0), self.node, presentations)
+        finally:
+            self._associating = False
+        if result.association_error is not None:
+            # The first chunk tries again, and reports and counts what goes wrong.
+            log.debug("%s: association ahead of work: %s", self.name, result.association_error)
+        elif result.association_open and not self.outstanding[0]:
+            self.open[0] = True
+            self.last_used[0] = time.monotonic()
+            self.count_open()
 
     def wake(self) -> None:
         self._wake.set()
@@ -598,6 +628,11 @@ class Uploader:
             )
         if not names or not event.payload.files:
             return
+        presentations = list(dict.fromkeys(
+            (f.sop_class_uid, f.transfer_syntax_uid) for f in event.payload.files
+        ))[:MAX_CONTEXTS]  # fmt: skip
+        for name in names:
+            self._destination(name).associate_ahead(presentations)
         async with self._scheduling:
             scheduled = await self.queue.schedule(
                 event.payload.files, names, event.payload.batch_key
