@@ -425,6 +425,39 @@ class _WatchedQueue(DeliveryQueue):
             type(self).running -= 1
 
 
+class _PartsQueue(DeliveryQueue):
+    """Keeps how many files each schedule call was given."""
+
+    parts: list[int] = []
+
+    async def schedule(self, files: Any, *args: Any, **kwargs: Any) -> Any:
+        type(self).parts.append(len(files))
+        return await super().schedule(files, *args, **kwargs)
+
+
+async def test_an_idle_destination_gets_the_head_of_a_batch_scheduled_first(
+    db: Database, bus: MemoryBus, tmp_path: Path, series_2000: list[Path]
+) -> None:
+    """Sending starts after a short statement for the first chunks, not after the whole
+    batch was scheduled; a batch not much larger than that head goes in one."""
+    _PartsQueue.parts = []
+    with Storescp(tmp_path / "pacs") as pacs:
+        rig = UploaderRig(db, bus, settings(destinations=["pacs"], chunk_size=16),
+                          {"pacs": pacs.node}, queue_class=_PartsQueue)  # fmt: skip
+        await rig.collect()
+        await rig.start()
+        try:
+            await rig.announce(series_2000[:200])
+            await wait_until(lambda: rig.settled("pacs", 200), 30, "the first batch")
+            await rig.announce(series_2000[200:260])
+            await wait_until(lambda: rig.settled("pacs", 260), 30, "the second batch")
+        finally:
+            await rig.stop()
+        assert len(pacs.files()) == 260
+    # Two chunks of 16 first, then the rest; 60 files are no more than twice the head.
+    assert _PartsQueue.parts == [32, 168, 60]
+
+
 async def test_file_ready_events_are_scheduled_one_after_the_other(
     db: Database, bus: MemoryBus, tmp_path: Path, series_2000: list[Path]
 ) -> None:

@@ -78,6 +78,8 @@ _PREFETCH_CHUNKS = 1
 # Files in the first chunk of an association not yet proven: its answer opens the next
 # association (the ramp), so it comes after a file or two, not after a whole chunk.
 _PROBE_FILES = 2
+# Chunks of a file-ready batch scheduled on their own first when a destination is idle.
+_HEAD_CHUNKS = 2
 # How long a destination loop sleeps when nothing is due and nobody wakes it.
 _POLL_SECONDS = 5.0
 # Outcomes are recorded in batches of at most this many, or after this long.
@@ -142,6 +144,11 @@ class _Destination:
         self._store_seconds = metrics.store_seconds.labels(destination=name)
         self._delivery_seconds = metrics.delivery_seconds.labels(destination=name)
         self._counted: dict[str, tuple[Counter, Counter]] = {}
+
+    @property
+    def idle(self) -> bool:
+        """Nothing claimed, nothing being sent."""
+        return not self.buffer and not self.in_flight
 
     def associate_ahead(self, presentations: Sequence[tuple[str, str]]) -> None:
         """Open the first association while new work is scheduled and claimed, when the
@@ -633,18 +640,26 @@ class Uploader:
         ))[:MAX_CONTEXTS]  # fmt: skip
         for name in names:
             self._destination(name).associate_ahead(presentations)
+        files = event.payload.files
+        scheduled = skipped = missing = 0
         async with self._scheduling:
-            scheduled = await self.queue.schedule(
-                event.payload.files, names, event.payload.batch_key
-            )
+            # An idle destination gets the head of the batch first: sending starts after a
+            # short statement, while the rest is scheduled.
+            head = self.settings.chunk_size * _HEAD_CHUNKS
+            idle = any(self._destination(name).idle for name in names)
+            parts = [files[:head], files[head:]] if idle and len(files) > 2 * head else [files]
+            for part in parts:
+                done = await self.queue.schedule(part, names, event.payload.batch_key)
+                scheduled += len(done.file_ids)
+                skipped += done.skipped
+                missing += done.missing
+                for name in names:
+                    self._destination(name).wake()
         # The batch key is a folder name, which may name a patient: not logged here.
         log.info(
-            "%d file(s) to %s%s", len(scheduled.file_ids), ", ".join(names),
-            f" ({scheduled.skipped} already handled, {scheduled.missing} missing)"
-            if scheduled.skipped or scheduled.missing else "",
+            "%d file(s) to %s%s", scheduled, ", ".join(names),
+            f" ({skipped} already handled, {missing} missing)" if skipped or missing else "",
         )  # fmt: skip
-        for name in names:
-            self._destination(name).wake()
 
     async def pause(self, seconds: float) -> None:
         """Sleep for ``seconds``, or less when the uploader stops meanwhile."""
