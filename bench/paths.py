@@ -270,6 +270,16 @@ async def _settle(seconds: float = 0.5) -> None:
 # --- the reference and the uploader ---------------------------------------------------------
 
 
+def _filed_run(out: Path, data: BenchData, figures: dict[str, ProcessFigures],
+               started_wall: float, **clocks: float) -> RunResult:  # fmt: skip
+    """A run into pacsflow's router, clocked until its last file was filed: every file
+    verified, and where the time went (until the first, the middle and the last file was
+    filed), with the other ``clocks`` kept as milestones."""
+    verified = verify_arrival(out, data.count, data.sources)
+    filed = filing_milestones(out, started_wall)
+    return RunResult(filed["last_filed_seconds"], figures, verified, milestones={**filed, **clocks})
+
+
 async def dcmtk_reference(target: Target, data: BenchData) -> RunResult:
     out, port = target.work / "storescp-out", free_port()
     scp = _storescp(target, out, port)
@@ -414,10 +424,7 @@ async def send_to_router(target: Target, data: BenchData) -> RunResult:
         router.stop()
     if summary.sent != data.count:
         raise ArrivalError(f"send: {summary.line()}")
-    verified = verify_arrival(out, data.count, data.sources)
-    filed = filing_milestones(out, started_wall)
-    return RunResult(filed["last_filed_seconds"], figures, verified,
-                     milestones={**filed, "last_response_seconds": seconds})
+    return _filed_run(out, data, figures, started_wall, last_response_seconds=seconds)
 
 
 # --- end to end -----------------------------------------------------------------------------
@@ -580,12 +587,7 @@ async def _end_to_end(target: Target, data: BenchData, mode: str) -> RunResult:
             raise ArrivalError(f"{failed.args} exited with {failed.returncode}")
     finally:
         await pipeline.stop()
-    verified = verify_arrival(pipeline.out, data.count, data.sources)
-    # Where the time went: until the first file was filed (watching, validating the first
-    # batch, the first events and association), and until half of them were.
-    filed = filing_milestones(pipeline.out, started_wall)
-    return RunResult(filed["last_filed_seconds"], figures, verified,
-                     milestones={**filed, "polled_seconds": arrived - started})
+    return _filed_run(pipeline.out, data, figures, started_wall, polled_seconds=arrived - started)
 
 
 async def uploader_rabbit_to_router(target: Target, data: BenchData) -> RunResult:
@@ -633,10 +635,7 @@ async def uploader_rabbit_to_router(target: Target, data: BenchData) -> RunResul
             await db.close()
     finally:
         await pipeline.stop()
-    verified = verify_arrival(pipeline.out, data.count, data.sources)
-    filed = filing_milestones(pipeline.out, started_wall)
-    return RunResult(filed["last_filed_seconds"], figures, verified,
-                     milestones={**filed, "polled_seconds": arrived - started})
+    return _filed_run(pipeline.out, data, figures, started_wall, polled_seconds=arrived - started)
 
 
 def _servers(setup: Setup) -> dict[str, int]:
