@@ -352,8 +352,9 @@ class SenderPool:
     async def associate(
         self, key: SlotKey, node: Node, presentations: Sequence[tuple[str, str]]
     ) -> ChunkResult:
-        """Open slot ``key``'s association to ``node`` for ``presentations`` ahead of its
-        first chunk (an open one that carries them stays); no files, no results."""
+        """Open slot ``key``'s association to ``node`` for ``presentations`` (repeats are
+        dropped, those beyond the slot's limit too) ahead of its first chunk (an open one that
+        carries them stays); no files, no results."""
         return await self._submit(key, node, _Associate(tuple(dict.fromkeys(presentations))))
 
     async def _submit(

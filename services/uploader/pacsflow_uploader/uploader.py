@@ -62,7 +62,7 @@ from pacsflow_uploader.deliveries import Claim, DeliveryQueue, Settlement
 from pacsflow_uploader.files import FileJob
 from pacsflow_uploader.metrics import UploaderMetrics
 from pacsflow_uploader.pool import SenderPool
-from pacsflow_uploader.scu import MAX_CONTEXTS, SendResult
+from pacsflow_uploader.scu import SendResult
 from pacsflow_uploader.slots import ChunkResult
 
 __all__ = ["Uploader", "default_associations", "default_processes"]
@@ -154,10 +154,7 @@ class _Destination:
         """Open the first association while new work is scheduled and claimed, when the
         destination is idle without one: its first chunk then starts sending at once."""
         recent = time.monotonic() - self.last_used[0] < self.up.settings.idle_release_seconds
-        if (
-            self.buffer or self.in_flight or (self.open[0] and recent) or self._associating
-            or not self._may_send()
-        ):  # fmt: skip
+        if not self.idle or (self.open[0] and recent) or self._associating or not self._may_send():
             return
         self._associating = True
         task = asyncio.create_task(self._associate(presentations), name=f"associate-{self.name}")
@@ -635,12 +632,10 @@ class Uploader:
             )
         if not names or not event.payload.files:
             return
-        presentations = list(dict.fromkeys(
-            (f.sop_class_uid, f.transfer_syntax_uid) for f in event.payload.files
-        ))[:MAX_CONTEXTS]  # fmt: skip
+        files = event.payload.files
+        presentations = [(f.sop_class_uid, f.transfer_syntax_uid) for f in files]
         for name in names:
             self._destination(name).associate_ahead(presentations)
-        files = event.payload.files
         scheduled = skipped = missing = 0
         async with self._scheduling:
             # An idle destination gets the head of the batch first: sending starts after a
