@@ -71,6 +71,11 @@ class _Associate:
     presentations: tuple[tuple[str, str], ...]
 
 
+def _files(work: list[FileJob] | _Associate) -> list[FileJob]:
+    """The files of a piece of work (an association request has none)."""
+    return [] if isinstance(work, _Associate) else work
+
+
 def _run(slot: Slot, work: list[FileJob] | _Associate) -> ChunkResult:
     if isinstance(work, _Associate):
         return slot.associate(work.presentations)
@@ -182,8 +187,9 @@ class _ProcessWorker:
         self._logs = logs
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
+        # Requests in flight and their files (none for an association request: if the
+        # process ends, nothing of it is lost).
         self._pending: dict[int, tuple[asyncio.Future[ChunkResult], list[FileJob]]] = {}
-        # (an association request's entry has no files: nothing of it is lost)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send_lock = threading.Lock()
         self.ready: asyncio.Future[None] | None = None
@@ -223,7 +229,7 @@ class _ProcessWorker:
                 log.warning("sender process %d ended; starting a new one", self.index)
             self.start(loop)
         future: asyncio.Future[ChunkResult] = loop.create_future()
-        jobs = [] if isinstance(work, _Associate) else work
+        jobs = _files(work)
         self._pending[request_id] = (future, jobs)
         assert self._conn is not None
         try:
@@ -362,7 +368,7 @@ class SenderPool:
     ) -> ChunkResult:
         if not self._started:
             await self.start()
-        jobs = [] if isinstance(work, _Associate) else work
+        jobs = _files(work)
         if self._workers:
             worker = self._assignment.get(key)
             if worker is None:

@@ -17,9 +17,9 @@ A file's ``status`` is one of :data:`FILE_STATUSES`:
 * ``duplicate``: the same SOP Instance with the same content was already sent, so skipped;
 * ``archived``: moved out of the import folder (``archive_path``).
 
-The first four follow from the deliveries: ``sending`` when read, the others kept up to date by
-:meth:`Ledger.add_deliveries` and :meth:`Ledger.record_outcomes`. Every method works on a batch in a few statements, whatever
-its size: no statement per file.
+The first four follow from the deliveries: ``sending`` when read, the others kept up to date
+by :meth:`Ledger.add_deliveries` and :meth:`Ledger.record_outcomes`. Every method works on a
+batch in a few statements, whatever its size: no statement per file.
 """
 
 from __future__ import annotations
