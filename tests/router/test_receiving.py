@@ -339,4 +339,8 @@ async def test_metrics_count_associations_instances_and_bytes(
             )
             == 1
         )
+        # The sweep that published the completion sets the gauge when it ends.
+        async with asyncio.timeout(5):
+            while router.metric("pacsflow_router_studies_open") != 0:
+                await asyncio.sleep(0.02)
         assert router.metric("pacsflow_router_studies_open") == 0
