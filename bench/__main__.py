@@ -212,7 +212,7 @@ def _summary(args: argparse.Namespace, datasets: dict[str, BenchData],
                                for name in measured.runs[-1].milestones},
             })  # fmt: skip
         bare = by_path.get("send")
-        for key in ("uploader-rabbit", "e2e", "embedded"):
+        for key in ("uploader-rabbit", "uploader-volatile", "e2e", "embedded"):
             pipeline = by_path.get(key)
             if bare and bare.runs and pipeline and pipeline.runs:
                 cost = pipeline.median / bare.median - 1

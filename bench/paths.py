@@ -207,10 +207,11 @@ def _storescp(target: Target, out: Path, port: int) -> _Child:
 
 
 def _pacsflow(target: Target, label: str, arguments: list[str], config: Path,
-              http_port: int, extra_env: dict[str, str] | None = None) -> _Child:  # fmt: skip
+              http_port: int, extra_env: dict[str, str] | None = None,
+              module: str = "pacsflow") -> _Child:  # fmt: skip
     env = {**os.environ, "PACSFLOW_HTTP__PORT": str(http_port), **(extra_env or {})}
     env.pop("PACSFLOW_CONFIG", None)
-    return _Child(target, label, [sys.executable, "-m", "pacsflow", *arguments, "-c", str(config)],
+    return _Child(target, label, [sys.executable, "-m", module, *arguments, "-c", str(config)],
                   env)  # fmt: skip
 
 
@@ -484,11 +485,14 @@ class Pipeline:
 
     def __init__(self, target: Target, mode: str,
                  overrides: dict[str, dict[str, Any]] | None = None,
-                 services: tuple[str, ...] = ("router-scp", "uploader", "watcher")) -> None:  # fmt: skip
+                 services: tuple[str, ...] = ("router-scp", "uploader", "watcher"),
+                 modules: dict[str, str] | None = None) -> None:  # fmt: skip
         self.target = target
         self.mode = mode
         self.overrides = overrides or {}
         self.services = services
+        # The module a service runs from, when not ``pacsflow`` (see bench.volatile_queue).
+        self.modules = modules or {}
         self.config: dict[str, Any] = {}
         self.out = target.work / "router-out"
         self.inbox = target.work / "inbox"
@@ -519,7 +523,8 @@ class Pipeline:
         self.config = config
         for label, arguments in roles:
             http_port = free_port()
-            child = _pacsflow(self.target, label, arguments, path, http_port, env)
+            child = _pacsflow(self.target, label, arguments, path, http_port, env,
+                              self.modules.get(label, "pacsflow"))  # fmt: skip
             self.children.append(child)
             process = child.start()
             await asyncio.to_thread(wait_until_ready, http_port, process)
@@ -590,13 +595,16 @@ async def _end_to_end(target: Target, data: BenchData, mode: str) -> RunResult:
     return _filed_run(pipeline.out, data, figures, started_wall, polled_seconds=arrived - started)
 
 
-async def uploader_rabbit_to_router(target: Target, data: BenchData) -> RunResult:
-    """The uploader and router-scp processes on RabbitMQ + PostgreSQL, without the watcher."""
+async def uploader_rabbit_to_router(target: Target, data: BenchData,
+                                    volatile: bool = False) -> RunResult:  # fmt: skip
+    """The uploader and router-scp processes on RabbitMQ + PostgreSQL, without the watcher;
+    with ``volatile``, the uploader keeps its deliveries in memory (bench.volatile_queue)."""
     from pacsflow.bus import create_bus
     from pacsflow.config import load_settings
     from pacsflow.store import open_database
 
-    pipeline = Pipeline(target, "rabbit", services=("router-scp", "uploader"))
+    modules = {"uploader": "bench.volatile_queue"} if volatile else None
+    pipeline = Pipeline(target, "rabbit", services=("router-scp", "uploader"), modules=modules)
     try:
         await pipeline.start()
         for label, pid in _servers(target.setup).items():
@@ -636,6 +644,10 @@ async def uploader_rabbit_to_router(target: Target, data: BenchData) -> RunResul
     finally:
         await pipeline.stop()
     return _filed_run(pipeline.out, data, figures, started_wall, polled_seconds=arrived - started)
+
+
+async def uploader_volatile_to_router(target: Target, data: BenchData) -> RunResult:
+    return await uploader_rabbit_to_router(target, data, volatile=True)
 
 
 def _servers(setup: Setup) -> dict[str, int]:
@@ -734,6 +746,12 @@ PATHS: dict[str, PathSpec] = {spec.key: spec for spec in [
              "the uploader and router-scp processes, no watcher: the files are in the ledger "
              f"beforehand (not timed); from publishing their file-ready events {_FILED}",
              "dcmtk", uploader_rabbit_to_router),
+    PathSpec("uploader-volatile",
+             "file-ready → uploader → router-scp, deliveries in memory (not durable)",
+             "as uploader-rabbit, but the uploader keeps its deliveries and outbox in memory "
+             "(bench.volatile_queue; nothing is recorded, for comparison only): the difference "
+             "to uploader-rabbit is what the ledger's durable per-file work costs", "dcmtk",
+             uploader_volatile_to_router),
     PathSpec("e2e", "watcher → uploader → router-scp (RabbitMQ + PostgreSQL)",
              _E2E_CLOCK, "dcmtk", end_to_end_rabbit),
     PathSpec("embedded", "pacsflow run: embedded end to end (SQLite bus + state)",

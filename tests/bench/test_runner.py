@@ -53,8 +53,8 @@ def test_every_path_runs_and_verifies_arrival(tmp_path: Path) -> None:
         assert 0 <= filed["first_filed_seconds"] <= filed["half_filed_seconds"] <= filed[
             "last_filed_seconds"], (key, filed)  # fmt: skip
         assert filed["last_filed_seconds"] > 0, (key, filed)
-    assert {cost["path"] for cost in summary["pipeline_cost"]} == {"uploader-rabbit", "e2e",
-                                                                 "embedded"}
+    assert {cost["path"] for cost in summary["pipeline_cost"]} == {
+        "uploader-rabbit", "uploader-volatile", "e2e", "embedded"}
     markdown = result_file.with_suffix(".md").read_text()
     assert "watcher → uploader → router-scp (RabbitMQ + PostgreSQL)" in markdown
     assert "What each clock measures" in markdown
