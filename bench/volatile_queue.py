@@ -18,9 +18,10 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pacsflow.events import Event, ReadyFile
+from pacsflow.store import Database
 from pacsflow_uploader.deliveries import Claim, DeliveryQueue, Scheduled, Settlement
 
 __all__ = ["VolatileQueue", "main"]
@@ -29,8 +30,10 @@ __all__ = ["VolatileQueue", "main"]
 class VolatileQueue(DeliveryQueue):
     """A :class:`DeliveryQueue` whose deliveries and outbox live in memory."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self, db: Database, *, owner: str, clock: Callable[[], float] = time.time
+    ) -> None:
+        super().__init__(db, owner=owner, clock=clock)
         self._file_ids = itertools.count(1)
         self._outbox_ids = itertools.count(1)
         # Per destination: deliveries waiting, in the order they were scheduled.
