@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-from pacsflow.store import Database, SqliteDatabase, upgrade
+from pacsflow.store import Database
 from pacsflow_uploader.deliveries import Settlement, owner_id
 
 from bench.volatile_queue import VolatileQueue
+from tests.uploader.conftest import db  # noqa: F401  (the fixture: a fresh SQLite ledger)
 from tests.uploader.test_deliveries import make_files, ready
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = await SqliteDatabase.open(tmp_path / "state.db")
-    await upgrade(database)
-    yield database
-    await database.close()
 
 
 async def test_it_queues_claims_and_retries_without_writing_the_ledger(
