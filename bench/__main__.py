@@ -51,6 +51,8 @@ TARGETS: dict[str, tuple[float, float]] = {
     "e2e": (0.7, 0.5),
 }
 PIPELINE_COST_CEILING = 0.10
+# The pipeline path that keeps no record (bench.volatile_queue): what the ledger costs.
+COMPARISON_ONLY = "uploader-volatile"
 
 
 @dataclass
@@ -222,7 +224,8 @@ def _summary(args: argparse.Namespace, datasets: dict[str, BenchData],
                     "bare_seconds": round(bare.median, 4),
                     "cost_percent": round(100 * cost, 1),
                     "ceiling_percent": 100 * PIPELINE_COST_CEILING,
-                    "met": cost <= PIPELINE_COST_CEILING,
+                    # The volatile path records nothing: a comparison, held to no goal.
+                    "met": None if key == COMPARISON_ONLY else cost <= PIPELINE_COST_CEILING,
                 })  # fmt: skip
     return {
         "started": args.started,
@@ -244,6 +247,12 @@ def _summary(args: argparse.Namespace, datasets: dict[str, BenchData],
         "results": results,
         "pipeline_cost": costs,
     }  # fmt: skip
+
+
+def _held_to(met: bool | None) -> str:
+    if met is None:
+        return " — for comparison: records nothing"
+    return "" if met else " — over the ceiling"
 
 
 def _process_text(processes: dict[str, dict[str, float]]) -> str:
@@ -275,7 +284,7 @@ def _markdown(summary: dict[str, Any]) -> str:
         for cost in summary["pipeline_cost"]:
             lines.append(f"- {cost['dataset']}, {cost['path']}: {cost['cost_percent']:+.1f} % "
                          f"({cost['pipeline_seconds']:.3f} s vs {cost['bare_seconds']:.3f} s)"
-                         f"{'' if cost['met'] else ' — over the ceiling'}")  # fmt: skip
+                         f"{_held_to(cost['met'])}")  # fmt: skip
     lines += ["", "What each clock measures:", ""]
     lines += [f"- **{key}**: {clock}" for key, clock in summary["clocks"].items()]
     lines += ["", f"Ratio: {summary['ratio']}. CPU and memory: {summary['cpu_and_memory']}."]

@@ -53,8 +53,12 @@ def test_every_path_runs_and_verifies_arrival(tmp_path: Path) -> None:
         assert 0 <= filed["first_filed_seconds"] <= filed["half_filed_seconds"] <= filed[
             "last_filed_seconds"], (key, filed)  # fmt: skip
         assert filed["last_filed_seconds"] > 0, (key, filed)
-    assert {cost["path"] for cost in summary["pipeline_cost"]} == {
-        "uploader-rabbit", "uploader-volatile", "e2e", "embedded"}
+    costs = {(cost["dataset"], cost["path"]): cost for cost in summary["pipeline_cost"]}
+    assert {path for _, path in costs} == {"uploader-rabbit", "uploader-volatile", "e2e",
+                                           "embedded"}
+    # The path that records nothing is a comparison, held to no goal.
+    assert costs[("small", "uploader-volatile")]["met"] is None
+    assert isinstance(costs[("small", "uploader-rabbit")]["met"], bool)
     markdown = result_file.with_suffix(".md").read_text()
     assert "watcher → uploader → router-scp (RabbitMQ + PostgreSQL)" in markdown
     assert "What each clock measures" in markdown
