@@ -27,8 +27,10 @@ from pathlib import Path
 
 import asyncpg
 from pacsflow.events import FileOutcome, FileOutcomePayload, FileSent, ReadyFile, Source
-from pacsflow.store import Ledger, PostgresDatabase, SeenFile, upgrade
+from pacsflow.store import PostgresDatabase, upgrade
 from pacsflow_uploader.deliveries import Claim, DeliveryQueue, Settlement, owner_id
+
+from bench.support import record_as_the_watcher
 
 SCHEDULE_FILES = 200
 CLAIM_FILES = 64
@@ -65,12 +67,7 @@ async def one_round(admin_dsn: str, files: list[ReadyFile]) -> dict[str, tuple[f
     db = await PostgresDatabase.connect(admin_dsn.rsplit("/", 1)[0] + f"/{name}", pool_size=4)
     try:
         await upgrade(db)
-        await Ledger(db).record_seen([
-            SeenFile(path=f.path, size=f.size, mtime=os.stat(f.path).st_mtime,
-                     sop_instance_uid=f.sop_instance_uid, sop_class_uid=f.sop_class_uid,
-                     transfer_syntax_uid=f.transfer_syntax_uid, batch_key="bench")
-            for f in files
-        ])  # fmt: skip
+        await record_as_the_watcher(db, files)
         backends = [row["pid"] for row in await admin.fetch(
             "SELECT pid FROM pg_stat_activity WHERE datname = $1", name)]  # fmt: skip
         queue = DeliveryQueue(db, owner=owner_id("bench"))

@@ -27,7 +27,7 @@ from pacsflow.bus import MemoryBus
 from pacsflow.config import Node, UploaderSettings
 from pacsflow.dicom import NetworkOptions, read_part10
 from pacsflow.events import Event, FileReady, FileReadyPayload, ReadyFile, Source
-from pacsflow.store import Ledger, SeenFile, SqliteDatabase, upgrade
+from pacsflow.store import SqliteDatabase, upgrade
 from prometheus_client import CollectorRegistry
 
 from bench.support import (
@@ -37,6 +37,7 @@ from bench.support import (
     ProcessMonitor,
     filing_milestones,
     free_port,
+    record_as_the_watcher,
     run_tool,
     stop_process,
     tool,
@@ -312,12 +313,7 @@ async def uploader_to_storescp(target: Target, data: BenchData) -> RunResult:
     db = await SqliteDatabase.open(target.work / "state.db")
     await upgrade(db)
     # Recorded as the watcher records them before it announces them (not timed).
-    await Ledger(db).record_seen([
-        SeenFile(path=f.path, size=f.size, mtime=os.stat(f.path).st_mtime,
-                 sop_instance_uid=f.sop_instance_uid, sop_class_uid=f.sop_class_uid,
-                 transfer_syntax_uid=f.transfer_syntax_uid, batch_key="bench")
-        for f in data.ready_files
-    ])  # fmt: skip
+    await record_as_the_watcher(db, data.ready_files)
     bus = MemoryBus()
     await bus.start()
     sent = 0
@@ -621,12 +617,7 @@ async def uploader_rabbit_to_router(target: Target, data: BenchData,
         await bus.start()
         try:
             # Recorded as the watcher records them before it announces them (not timed).
-            await Ledger(db).record_seen([
-                SeenFile(path=f.path, size=f.size, mtime=os.stat(f.path).st_mtime,
-                         sop_instance_uid=f.sop_instance_uid, sop_class_uid=f.sop_class_uid,
-                         transfer_syntax_uid=f.transfer_syntax_uid, batch_key="bench")
-                for f in data.ready_files
-            ])  # fmt: skip
+            await record_as_the_watcher(db, data.ready_files)
             source = Source(service="watcher", instance="bench")
             events = [
                 FileReady(source=source, correlation_id="bench", payload=FileReadyPayload(

@@ -379,6 +379,20 @@ def count_files(folder: Path) -> int:
     return count
 
 
+async def record_as_the_watcher(db: Any, files: Sequence[Any]) -> None:
+    """Record ``files`` (ReadyFile) in ``db``'s ledger as the watcher records them before it
+    announces them: a path's size and modification time as they are on disk."""
+    from pacsflow.store import Ledger, SeenFile
+
+    seen = []
+    for f in files:
+        st = os.stat(f.path)
+        seen.append(SeenFile(path=f.path, size=st.st_size, mtime=st.st_mtime,
+                             sop_instance_uid=f.sop_instance_uid, sop_class_uid=f.sop_class_uid,
+                             transfer_syntax_uid=f.transfer_syntax_uid, batch_key="bench"))  # fmt: skip
+    await Ledger(db).record_seen(seen)
+
+
 async def wait_for_files(
     folder: Path, expected: int, timeout: float, interval: float = 0.02,
     failed: subprocess.Popen[bytes] | None = None,

@@ -46,7 +46,7 @@ from pacsflow.bus import MemoryBus
 from pacsflow.config import Node, UploaderSettings
 from pacsflow.dicom import NetworkOptions, read_part10
 from pacsflow.events import Event, FileReady, FileReadyPayload, ReadyFile, Source
-from pacsflow.store import Ledger, SeenFile, SqliteDatabase, upgrade
+from pacsflow.store import SqliteDatabase, upgrade
 from pacsflow_uploader.deliveries import DeliveryQueue, owner_id
 from pacsflow_uploader.pool import SenderPool
 from pacsflow_uploader.send import send_files
@@ -54,6 +54,7 @@ from pacsflow_uploader.uploader import Uploader
 from prometheus_client import CollectorRegistry
 
 from bench.datasets import DATASETS, write_dataset
+from bench.support import record_as_the_watcher
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 WATCHER = Source(service="watcher", instance="bench")
@@ -172,15 +173,7 @@ async def uploader(
     db = await SqliteDatabase.open(work / "state.db")
     await upgrade(db)
     # Recorded as the watcher records them before it announces them (not timed).
-    await Ledger(db).record_seen(
-        [
-            SeenFile(path=f.path, size=st.st_size, mtime=st.st_mtime,
-                     sop_instance_uid=f.sop_instance_uid, sop_class_uid=f.sop_class_uid,
-                     transfer_syntax_uid=f.transfer_syntax_uid, batch_key="bench")
-            for f in files
-            for st in [os.stat(f.path)]
-        ]
-    )  # fmt: skip
+    await record_as_the_watcher(db, files)
     bus = MemoryBus()
     await bus.start()
     sent = 0
